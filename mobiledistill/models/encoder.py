@@ -1,0 +1,247 @@
+"""The encoder family of SPEC §2 as Flax NNX modules: embeddings, blocks, encoder.
+
+One block class covers BERT (no bottleneck), IB-BERT (bottleneck, Q/K/V from the block input), MobileBERT (Q = K from
+a shared 512->128 bottleneck, V from the block input) and MobileBERT_TINY (Q = K = V from the input bottleneck).
+Models hold parameters only; dropout randomness comes in as an explicit key so that the whole state goes through a
+plain `jax.jit` ("tree style").
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from mobiledistill.models.config import EncoderConfig
+
+Array = jax.Array
+
+
+@struct.dataclass
+class EncoderOutput:
+    """Everything the losses need; under `jax.jit`, outputs nobody uses are removed by XLA.
+
+    hidden_states: executed layers + 1 entries, index 0 = embedding output.
+    attention_scores: per executed layer [B, heads, S, S], pre-softmax, masked (float32).
+    attention_probs: per executed layer [B, heads, S, S] (float32, before attention dropout).
+    """
+
+    sequence_output: Array
+    pooled_output: Array
+    hidden_states: tuple[Array, ...]
+    attention_scores: tuple[Array, ...]
+    attention_probs: tuple[Array, ...]
+
+
+def activation(name: str):
+    return {
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "tanh": jnp.tanh,
+    }[name]
+
+
+def compute_dtype(cfg: EncoderConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def dropout(x: Array, rate: float, rng: Optional[Array]) -> Array:
+    """Inverted dropout; identity when `rng` is None (deterministic mode) or the rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _sub_rng(rng: Optional[Array], site: int) -> Optional[Array]:
+    return None if rng is None else jax.random.fold_in(rng, site)
+
+
+def dense(cfg: EncoderConfig, fan_in: int, fan_out: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    """A Linear with the BERT initialiser (normal, std = initializer_range) and the configured compute dtype."""
+    return nnx.Linear(fan_in, fan_out, use_bias=use_bias, dtype=compute_dtype(cfg), param_dtype=jnp.float32,
+                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (computed in float32) or MobileBERT's NoNorm (`scale * x + bias`)."""
+
+    def __init__(self, features: int, kind: str, eps: float, dtype):
+        self.kind, self.eps, self.dtype = kind, eps, dtype
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+
+    def __call__(self, x: Array) -> Array:
+        if self.kind == "no_norm":
+            return (x * self.scale[...].astype(x.dtype) + self.bias[...].astype(x.dtype)).astype(self.dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(self.dtype)
+
+
+def norm(cfg: EncoderConfig, features: int, torch_default_eps: bool = False) -> Norm:
+    eps = 1e-5 if (torch_default_eps and cfg.hf_eps_quirk) else cfg.layer_norm_eps
+    return Norm(features, cfg.normalization_type, eps, compute_dtype(cfg))
+
+
+class DenseNorm(nnx.Module):
+    """`Norm(Dense(x) [+ residual])`: bottlenecks, attention output, FFN outputs."""
+
+    def __init__(self, cfg: EncoderConfig, fan_in: int, fan_out: int, rngs: nnx.Rngs, torch_default_eps=False):
+        self.dense = dense(cfg, fan_in, fan_out, rngs)
+        self.norm = norm(cfg, fan_out, torch_default_eps)
+
+    def __call__(self, x: Array, residual: Optional[Array] = None, drop_rate: float = 0.0, rng=None) -> Array:
+        y = dropout(self.dense(x), drop_rate, rng)
+        return self.norm(y if residual is None else y + residual)
+
+
+class FeedForward(nnx.Module):
+    """One of MobileBERT's stacked FFNs: `Norm(Dense(act(Dense(h))) + h)`."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        self.act = activation(cfg.hidden_act)
+        self.intermediate = dense(cfg, cfg.true_hidden_size, cfg.intermediate_size, rngs)
+        self.output = DenseNorm(cfg, cfg.intermediate_size, cfg.true_hidden_size, rngs)
+
+    def __call__(self, h: Array) -> Array:
+        return self.output(self.act(self.intermediate(h)), h)
+
+
+def multi_head_attention(cfg: EncoderConfig, q: Array, k: Array, v: Array, mask: Array, rng=None):
+    """Scaled dot-product attention; returns (context [B,S,D], masked scores, probabilities)."""
+    b, s, d = q.shape
+    h = cfg.num_attention_heads
+    split = lambda t: t.reshape(b, t.shape[1], h, d // h)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k), preferred_element_type=jnp.float32)
+    scores = scores * (d // h) ** -0.5
+    keep = mask[:, None, None, :].astype(bool)
+    if cfg.attention_mask_value == "min":
+        scores = scores + jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)
+    else:
+        scores = jnp.where(keep, scores, jnp.float32(cfg.attention_mask_value))
+    probs = jax.nn.softmax(scores, axis=-1)
+    dropped = dropout(probs, cfg.attention_probs_dropout_prob, rng)
+    context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v.dtype), split(v)).reshape(b, s, d)
+    return context, scores, probs
+
+
+class Block(nnx.Module):
+    """One transformer block of SPEC §2 (steps 1-6)."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        inner, x_dim = cfg.true_hidden_size, cfg.hidden_size
+        if cfg.use_bottleneck:
+            self.bottleneck_input = DenseNorm(cfg, x_dim, inner, rngs)
+        if cfg.key_query_shared_bottleneck:
+            self.bottleneck_attention = DenseNorm(cfg, x_dim, inner, rngs)
+        qk_in = inner if (cfg.use_bottleneck_attention or cfg.key_query_shared_bottleneck) else x_dim
+        v_in = inner if cfg.use_bottleneck_attention else x_dim
+        self.query = dense(cfg, qk_in, inner, rngs)
+        self.key = dense(cfg, qk_in, inner, rngs)
+        self.value = dense(cfg, v_in, inner, rngs)
+        self.attention_output = DenseNorm(cfg, inner, inner, rngs)
+        self.ffn = nnx.List([FeedForward(cfg, rngs) for _ in range(cfg.num_feedforward_networks - 1)])
+        self.act = activation(cfg.hidden_act)
+        self.intermediate = dense(cfg, inner, cfg.intermediate_size, rngs)
+        self.output = DenseNorm(cfg, cfg.intermediate_size, inner, rngs, torch_default_eps=True)
+        if cfg.use_bottleneck:
+            self.output_bottleneck = DenseNorm(cfg, inner, x_dim, rngs)
+
+    def __call__(self, x: Array, mask: Array, rng=None, swap_qk: bool = False):
+        cfg = self.cfg
+        p_hidden = cfg.hidden_dropout_prob
+        if cfg.use_bottleneck:
+            layer_input = self.bottleneck_input(x)
+            if cfg.use_bottleneck_attention:
+                q_in = k_in = v_in = layer_input
+            elif cfg.key_query_shared_bottleneck:
+                q_in = k_in = self.bottleneck_attention(x)
+                v_in = x
+            else:
+                q_in = k_in = v_in = x
+        else:
+            layer_input = q_in = k_in = v_in = x
+        query, key = (self.key, self.query) if swap_qk else (self.query, self.key)
+        context, scores, probs = multi_head_attention(cfg, query(q_in), key(k_in), self.value(v_in), mask,
+                                                      _sub_rng(rng, 0))
+        # transformers applies hidden dropout inside the block only when there is no bottleneck.
+        inner_drop = 0.0 if cfg.use_bottleneck else p_hidden
+        h = self.attention_output(context, layer_input, inner_drop, _sub_rng(rng, 1))
+        for ffn in self.ffn:
+            h = ffn(h)
+        out = self.output(self.act(self.intermediate(h)), h, inner_drop, _sub_rng(rng, 2))
+        if cfg.use_bottleneck:
+            out = self.output_bottleneck(out, x, p_hidden, _sub_rng(rng, 3))
+        return out, scores, probs
+
+
+class Embeddings(nnx.Module):
+    """Word (optionally trigram-convolved and projected), position and token-type embeddings, then Norm."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt, init = compute_dtype(cfg), nnx.initializers.normal(cfg.initializer_range)
+        embed = lambda n, d: nnx.Embed(n, d, dtype=dt, param_dtype=jnp.float32, embedding_init=init, rngs=rngs)
+        self.word_embeddings = embed(cfg.vocab_size, cfg.embedding_size)
+        if cfg.has_embedding_transformation:
+            width = cfg.embedding_size * (3 if cfg.trigram_input else 1)
+            self.embedding_transformation = dense(cfg, width, cfg.hidden_size, rngs)
+        self.position_embeddings = embed(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = embed(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = norm(cfg, cfg.hidden_size, torch_default_eps=True)
+
+    def __call__(self, input_ids: Array, token_type_ids: Array, rng=None) -> Array:
+        cfg = self.cfg
+        e = self.word_embeddings(input_ids)
+        if cfg.trigram_input:
+            # concat(e[t+1], e[t], e[t-1]); zero vectors only beyond the sequence ends, as transformers/official.
+            nxt = jnp.pad(e[:, 1:], ((0, 0), (0, 1), (0, 0)))
+            prv = jnp.pad(e[:, :-1], ((0, 0), (1, 0), (0, 0)))
+            e = jnp.concatenate([nxt, e, prv], axis=-1)
+        if cfg.has_embedding_transformation:
+            e = self.embedding_transformation(e)
+        positions = jnp.arange(input_ids.shape[1])[None, :]
+        e = e + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        return dropout(self.norm(e), cfg.hidden_dropout_prob, rng)
+
+
+class Encoder(nnx.Module):
+    """Embeddings + blocks (+ tanh pooler when `classifier_activation`)."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg, rngs)
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        if cfg.classifier_activation:
+            self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs)
+
+    def __call__(self, input_ids: Array, token_type_ids: Optional[Array] = None,
+                 attention_mask: Optional[Array] = None, *, rng: Optional[Array] = None,
+                 num_layers: Optional[int] = None) -> EncoderOutput:
+        """Runs the first `num_layers` entries of the layer plan (all by default); dropout only when `rng` is given.
+
+        Progressive knowledge transfer runs the student and the teacher only up to the active layer.
+        """
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        plan = self.cfg.plan if num_layers is None else self.cfg.plan[:num_layers]
+        x = self.embeddings(input_ids, token_type_ids, _sub_rng(rng, 0))
+        hidden, scores, probs = [x], [], []
+        for n, (layer, swap_qk) in enumerate(plan):
+            x, s, p = self.layers[layer](x, attention_mask, _sub_rng(rng, n + 1), swap_qk)
+            hidden.append(x)
+            scores.append(s)
+            probs.append(p)
+        first = x[:, 0]
+        pooled = jnp.tanh(self.pooler(first)) if self.cfg.classifier_activation else first
+        return EncoderOutput(x, pooled, tuple(hidden), tuple(scores), tuple(probs))

@@ -1,0 +1,35 @@
+"""mobiledistill: MobileBERT / CKD / Pea-KD knowledge distillation in JAX + Flax NNX."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "ml-collections>=1.0",
+    "absl-py",
+    "numpy",
+    "transformers>=5.0",
+    "tokenizers>=0.20",
+    "safetensors",
+    "tensorflow-datasets>=4.9",
+    "tensorboardX",
+    "matplotlib",
+]
+
+EXTRAS = {
+    # torch is pinned to the CPU build available offline; an unpinned torch pulls CUDA wheels.
+    "test": ["pytest", "torch==2.13.0", "scikit-learn", "scipy"],
+    "tpu": ["jax[tpu]"],
+}
+
+setup(
+    name="mobiledistill",
+    version="0.1.0",
+    description="Compress BERT by knowledge distillation (MobileBERT, CKD, Pea-KD) in JAX/Flax.",
+    packages=find_packages(include=["mobiledistill", "mobiledistill.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
