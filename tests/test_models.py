@@ -166,6 +166,12 @@ def test_bad_config_is_one_clear_line(overrides, match):
     assert "\n" not in str(e.value)
 
 
+def test_too_long_input_is_refused():
+    model = Encoder(preset("test_mobilebert"), nnx.Rngs(0))
+    with pytest.raises(ValueError, match="sequence length 65 exceeds max_position_embeddings=64"):
+        model(jnp.ones((1, 65), jnp.int32))
+
+
 def test_unknown_preset_and_field():
     with pytest.raises(ValueError, match="unknown model preset 'mobilebert_huge'; valid: bert_base"):
         preset("mobilebert_huge")

@@ -230,6 +230,9 @@ class Encoder(nnx.Module):
 
         Progressive knowledge transfer runs the student and the teacher only up to the active layer.
         """
+        if input_ids.shape[1] > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+                             f"{self.cfg.max_position_embeddings}; truncate inputs or use a larger model config")
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         if attention_mask is None:
