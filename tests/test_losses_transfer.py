@@ -266,3 +266,16 @@ def test_bf16_inputs_computed_in_float32():
   ref = np_fmt(np.asarray(jnp.asarray(t, jnp.bfloat16), np.float32),
                np.asarray(jnp.asarray(s, jnp.bfloat16), np.float32), MASK)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_value", ["hf", "-inf"])
+def test_attention_transfer_without_mask_tolerates_masked_scores(mask_value):
+  # No attention_mask given: the -inf / finfo.min columns must still give p = 0, finite grads.
+  rng = _rng(13)
+  t, s = _scores(rng, mask_value), _scores(rng, mask_value)
+  val, g = jax.value_and_grad(lambda x: L.attention_transfer(t, x, None))(s)
+  np.testing.assert_allclose(val, np_at(t, s, MASK, mask_padding=False), rtol=1e-5)
+  assert np.all(np.isfinite(g))
+  val_k, g_k = jax.value_and_grad(lambda x: L.attention_transfer(t, x, MASK, mask_keys=False))(s)
+  np.testing.assert_allclose(val_k, np_at(t, s, MASK), rtol=1e-5)
+  assert np.all(np.isfinite(g_k))

@@ -287,3 +287,24 @@ def test_skip_nonfinite_keeps_params():
     np.testing.assert_array_equal(a, b)
   u, state = tx.update(jax.grad(loss)(params, (x, y)), state, params)
   assert np.all(np.isfinite(jax.tree.leaves(u)[0])) and np.abs(jax.tree.leaves(u)[0]).max() > 0
+
+
+def test_frozen_gradients_are_dead_code_under_jit():
+  # Frozen leaves' gradients feed nothing, so XLA drops their backward matmuls.
+  k = jax.random.PRNGKey(0)
+  n, b = 128, 16
+  p = {"a": {"kernel": jax.random.normal(k, (n, n))}, "b": {"kernel": jax.random.normal(k, (n, n))}}
+  x = jax.random.normal(k, (b, n))
+  loss = lambda p: jnp.mean(((x @ p["a"]["kernel"]) @ p["b"]["kernel"]) ** 2)
+
+  def flops(rules):
+    tx = optim.make_optimizer(dict(lr_scales=rules))
+
+    def step(p, s):
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      return optax.apply_updates(p, u), s
+    cost = jax.jit(step).lower(p, tx.init(p)).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  matmul = 2 * b * n * n
+  assert flops((("^a/", 0.0),)) < flops(()) - 1.8 * matmul  # dW_a and dx through W_b removed
