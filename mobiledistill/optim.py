@@ -114,13 +114,15 @@ def trainable_mask(params: Any, rules: Rules | Mapping[str, float], default: flo
   return jax.tree.map(lambda s: s != 0.0, lr_scale_tree(params, rules, default))
 
 
-def progressive_lr_rules(layer: int, lower_scale: float = 0.1) -> list[tuple[str, float]]:
+def progressive_lr_rules(layer: int, lower_scale: float = 0.1,
+                         prefix: str = "encoder/layers") -> list[tuple[str, float]]:
   """Rules for progressive-transfer stage `layer`: encoder layers below at `lower_scale`, the
-  active layer at 1.0; use with `default_lr_scale=0` so everything else stays frozen."""
-  rules = [(rf"^encoder/layers/{layer}/", 1.0)]
+  active layer at 1.0; use with `default_lr_scale=0` so everything else stays frozen.
+  `prefix` is the path of the layer list (`layers` for a bare Encoder's state)."""
+  rules = [(rf"^{prefix}/{layer}/", 1.0)]
   if layer > 0 and lower_scale != 0:
     lower = "|".join(str(i) for i in range(layer))
-    rules.append((rf"^encoder/layers/({lower})/", float(lower_scale)))
+    rules.append((rf"^{prefix}/({lower})/", float(lower_scale)))
   return rules
 
 
