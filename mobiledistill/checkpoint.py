@@ -1,0 +1,153 @@
+"""Orbax checkpoints per stage, stage completion markers and the workdir's config fingerprint (SPEC §7).
+
+Layout: `workdir/<stage>/checkpoints/<step>/{params,opt_state,data}` (Orbax CheckpointManager, keep-N, async save),
+`workdir/<stage>/done.json` once the stage's final checkpoint is committed, and `workdir/config.json` +
+`workdir/fingerprint` for the experiment. Paths go through `etils.epath`, so `gs://` workdirs work on TPU VMs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(RuntimeError):
+    """Missing/corrupt checkpoints or a workdir that holds another experiment."""
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def write_json_atomic(path: epath.Path, obj: Any) -> None:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.rename(path)
+
+
+class StageCheckpoints:
+    """One stage's Orbax manager: parameters, optimizer state, step and data-iterator state."""
+
+    def __init__(self, stage_dir: str | epath.Path, max_to_keep: int = 2, async_save: bool = True):
+        self.dir = epath.Path(stage_dir)
+        self.manager = ocp.CheckpointManager(
+            self.dir / "checkpoints",
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=async_save),
+            item_names=("params", "opt_state", "data"))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state, data_state: Mapping[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            data=ocp.args.JsonSave(dict(data_state))), force=True)
+
+    def restore(self, step: int, params_like, opt_state_like):
+        """Restores into the structure, dtypes and shardings of the given (concrete or abstract) trees."""
+        try:
+            r = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(params_like)),
+                opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
+                data=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises several types for missing/corrupt/mismatched items
+            raise CheckpointError(f"cannot restore {self.dir / 'checkpoints' / str(step)}: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        return r.params, r.opt_state, r.data
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # Completion marker ------------------------------------------------------------------------------------------
+    def mark_done(self, summary: Mapping[str, Any]) -> None:
+        self.wait()
+        write_json_atomic(self.dir / "done.json", dict(summary))
+
+
+def stage_done(stage_dir: str | epath.Path) -> Optional[dict]:
+    """The stage's completion summary, or None if it has not finished."""
+    path = epath.Path(stage_dir) / "done.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def restore_final_params(stage_dir: str | epath.Path, params_like):
+    """The parameters of a finished stage's last checkpoint (the input of the next stage)."""
+    stage_dir = epath.Path(stage_dir)
+    done = stage_done(stage_dir)
+    if done is None:
+        raise CheckpointError(f"stage directory {stage_dir} has no finished stage (no done.json)")
+    manager = ocp.CheckpointManager(stage_dir / "checkpoints", item_names=("params", "opt_state", "data"))
+    try:
+        step = done["final_step"]
+        if step not in manager.all_steps():
+            raise CheckpointError(f"{stage_dir}: final checkpoint {step} is missing (have {manager.all_steps()})")
+        return manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(params_like)))).params
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot restore parameters from {stage_dir}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        manager.close()
+
+
+# Config fingerprint ---------------------------------------------------------------------------------------------
+# Keys that do not change what is computed: changing them may resume an existing workdir.
+VOLATILE_KEYS = ("train.log_every", "train.checkpoint_every", "train.eval_every", "train.progress", "report")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def fingerprint(config: Mapping[str, Any]) -> str:
+    flat = {k: v for k, v in _flatten(config).items() if not any(k.startswith(x) for x in VOLATILE_KEYS)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_fingerprint(workdir: str | epath.Path, config: Mapping[str, Any], allow_change: bool = False) -> bool:
+    """Records the experiment's config in a new workdir; refuses a workdir that holds a different one.
+
+    Returns True when the workdir already held this experiment (a resume).
+    """
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp_path, cfg_path = workdir / "fingerprint", workdir / "config.json"
+    new = fingerprint(config)
+    if fp_path.exists():
+        old = fp_path.read_text().strip()
+        if old == new:
+            return True
+        if not allow_change:
+            try:
+                before = _flatten(json.loads(cfg_path.read_text()))
+                after = _flatten(json.loads(json.dumps(dict(config), default=str)))
+                diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)
+                              and not any(k.startswith(x) for x in VOLATILE_KEYS))
+            except Exception:
+                diff = ["?"]
+            raise CheckpointError(
+                f"workdir {workdir} holds another experiment (config differs in {diff[:8]}); use a new --workdir, "
+                f"or pass --allow_config_change to resume it with the new config")
+        write_json_atomic(workdir / f"config.previous.{old}.json", json.loads(cfg_path.read_text()))
+    write_json_atomic(cfg_path, json.loads(json.dumps(dict(config), default=str)))
+    fp_path.write_text(new + "\n")
+    return False

@@ -1,0 +1,105 @@
+"""The jitted train/eval step of a stage: teacher forward (frozen), student forward, losses, optimizer update.
+
+Parameters are `nnx.State`s that go through plain `jax.jit` ("tree style"): a model is rebuilt from its graphdef
+inside the step with `nnx.merge`. Parameters whose learning-rate scale is 0 are wrapped in `stop_gradient`, so XLA
+never computes their gradients, and the optimizer leaves them bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mobiledistill import losses as losses_lib
+from mobiledistill import optim
+from mobiledistill.models import PreTrainingModel, SequenceClassificationModel, SpanModel
+from mobiledistill.strategies.stage import Stage
+
+Batch = Mapping[str, jax.Array]
+
+
+def forward(model: nnx.Module, batch: Batch, *, num_layers: Optional[int] = None, rng=None) -> dict[str, Any]:
+    """Runs a model on a batch and returns the named outputs the loss registry reads."""
+    common = dict(token_type_ids=batch.get("token_type_ids"), attention_mask=batch.get("attention_mask"),
+                  rng=rng, num_layers=num_layers)
+    if isinstance(model, PreTrainingModel):
+        mlm, nsp, enc = model(batch["input_ids"], masked_positions=batch.get("masked_lm_positions"), **common)
+        outputs = dict(mlm_logits=mlm, nsp_logits=nsp)
+    elif isinstance(model, SequenceClassificationModel):
+        logits, enc = model(batch["input_ids"], **common)
+        outputs = dict(logits=logits)
+    elif isinstance(model, SpanModel):
+        start, end, enc = model(batch["input_ids"], **common)
+        outputs = dict(start_logits=start, end_logits=end)
+    else:
+        raise TypeError(f"no forward for {type(model).__name__}")
+    return dict(outputs, hidden_states=enc.hidden_states, attention_scores=enc.attention_scores,
+                attention_probs=enc.attention_probs, sequence_output=enc.sequence_output,
+                pooled_output=enc.pooled_output)
+
+
+def trainable_mask(params: nnx.State, stage: Stage):
+    """Bool tree, True where the stage's learning-rate scale is non-zero."""
+    return optim.trainable_mask(params, stage.optimizer.lr_scales, stage.optimizer.default_lr_scale)
+
+
+def make_train_step(stage: Stage, graphdef, params: nnx.State, teacher_graphdef=None,
+                    accumulation_steps: int = 1) -> tuple[optax.GradientTransformation, Callable]:
+    """Returns (optimizer, step) with `step(params, opt_state, teacher_params, batch, rng) -> (params, opt_state,
+    metrics)`, pure and ready for `jax.jit` (donate params and opt_state, never the teacher)."""
+    tx = optim.make_optimizer(stage.optimizer)
+    mask = trainable_mask(params, stage)
+    loss_fn = losses_lib.build_loss(stage.losses)
+    use_teacher = teacher_graphdef is not None
+
+    def loss_and_metrics(params, teacher_params, batch, rng):
+        params = jax.tree.map(lambda m, p: p if m else jax.lax.stop_gradient(p), mask, params)
+        teacher_out = None
+        if use_teacher:
+            teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+            teacher_out = forward(teacher, batch, num_layers=stage.teacher_num_layers)
+        student = nnx.merge(graphdef, params)
+        out = forward(student, batch, num_layers=stage.num_layers, rng=rng if stage.dropout else None)
+        total, terms = loss_fn(teacher_out, out, batch)
+        return total, dict(terms, loss=total)
+
+    def step(params, opt_state, teacher_params, batch, rng):
+        grad_fn = jax.value_and_grad(lambda p, b: loss_and_metrics(p, teacher_params, b, rng), has_aux=True)
+        (_, metrics), grads = optim.accumulate_gradients(grad_fn, params, batch, accumulation_steps)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics["grad_norm"] = optax.global_norm(jax.tree.map(lambda m, g: g if m else jnp.zeros_like(g),
+                                                              mask, grads))
+        return params, opt_state, metrics
+
+    return tx, step
+
+
+def make_eval_step(stage: Stage, graphdef, teacher_graphdef=None) -> Callable:
+    """`eval_step(params, teacher_params, batch) -> metrics` with the stage's losses (no dropout)."""
+    loss_fn = losses_lib.build_loss(stage.losses)
+
+    def eval_step(params, teacher_params, batch):
+        teacher_out = None
+        if teacher_graphdef is not None:
+            teacher_out = forward(nnx.merge(teacher_graphdef, teacher_params), batch,
+                                  num_layers=stage.teacher_num_layers)
+        out = forward(nnx.merge(graphdef, params), batch, num_layers=stage.num_layers)
+        total, terms = loss_fn(teacher_out, out, batch)
+        metrics = dict(terms, loss=total)
+        if "mlm_logits" in out and "masked_lm_ids" in batch:
+            metrics.update(mlm_metrics(out["mlm_logits"], batch))
+        return metrics
+
+    return eval_step
+
+
+def mlm_metrics(mlm_logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """Sums (not means), so batches can be added up exactly: correct predictions and predicted positions."""
+    w = batch["masked_lm_weights"].astype(jnp.float32)
+    correct = (jnp.argmax(mlm_logits, -1) == batch["masked_lm_ids"]).astype(jnp.float32)
+    return dict(mlm_correct=jnp.sum(correct * w), mlm_count=jnp.sum(w))

@@ -1,0 +1,54 @@
+"""A training stage: what trains, on which losses, with which optimizer, starting from where (SPEC §4)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+from mobiledistill.optim import OptimizerConfig
+
+TRAINS = ("student", "teacher")
+INITS = ("fresh", "previous", "teacher_copy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a pipeline; strategies turn a config into an ordered list of these.
+
+    trains: which model's parameters this stage updates ('student' or 'teacher').
+    losses: a `losses.build_loss` spec {term: {weight, [loss], **params}}.
+    optimizer: its `lr_scales` / `default_lr_scale` decide what trains; scale 0 parameters are frozen, bit-identical,
+        and not differentiated.
+    init: 'fresh' (random), 'previous' (the final parameters of stage `init_from`), 'teacher_copy' (random, then the
+        teacher's embeddings and MLM/NSP heads copied in).
+    teacher_from: the stage whose final parameters are the (frozen) teacher, an external 'hf:<dir>' checkpoint, or
+        None for teacher-free stages.
+    num_layers / teacher_num_layers: run the student / teacher only this deep (progressive transfer).
+    dropout: whether the trained model runs with dropout (distillation stages run without).
+    eval: what to evaluate at the end ('mlm' = held-out MLM accuracy), or None.
+    """
+
+    name: str
+    steps: int
+    losses: Mapping[str, Mapping[str, Any]]
+    optimizer: OptimizerConfig
+    trains: str = "student"
+    init: str = "previous"
+    init_from: Optional[str] = None
+    teacher_from: Optional[str] = None
+    num_layers: Optional[int] = None
+    teacher_num_layers: Optional[int] = None
+    dropout: bool = False
+    eval: Optional[str] = None
+
+    def __post_init__(self):
+        if self.trains not in TRAINS:
+            raise ValueError(f"stage {self.name!r}: trains={self.trains!r}; valid: {TRAINS}")
+        if self.init not in INITS:
+            raise ValueError(f"stage {self.name!r}: init={self.init!r}; valid: {INITS}")
+        if self.init == "previous" and not self.init_from:
+            raise ValueError(f"stage {self.name!r}: init='previous' needs init_from=<stage name>")
+        if self.init == "teacher_copy" and not self.teacher_from:
+            raise ValueError(f"stage {self.name!r}: init='teacher_copy' needs teacher_from")
+        if self.steps < 0:
+            raise ValueError(f"stage {self.name!r}: steps={self.steps} must be >= 0")
