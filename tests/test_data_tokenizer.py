@@ -1,0 +1,75 @@
+"""Tokeniser: training and caching, vocab validation, loading from files, plain-text encoding."""
+
+import os
+
+import numpy as np
+import pytest
+
+from _data_helpers import VOCAB_SIZE, corpus, tokenizer, vocab_dir
+from mobiledistill.data import SPECIAL_TOKENS, DataError, load_tokenizer, load_vocab_file, trained_tokenizer
+
+
+def test_trained_vocab_has_specials_first_and_is_cached():
+    tok = tokenizer()
+    assert [tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id] == [0, 1, 2, 3, 4]
+    assert 1000 < tok.vocab_size <= VOCAB_SIZE
+    vocab_path = os.path.join(vocab_dir(), "vocab.txt")
+    mtime = os.stat(vocab_path).st_mtime_ns
+    again = trained_tokenizer(None, vocab_dir(), corpus_name=corpus().name, vocab_size=VOCAB_SIZE)
+    assert again.fingerprint == tok.fingerprint
+    assert os.stat(vocab_path).st_mtime_ns == mtime
+
+
+def test_cache_trained_with_other_settings_is_refused_not_overwritten():
+    with pytest.raises(DataError, match="was trained with"):
+        trained_tokenizer(["some text"], vocab_dir(), corpus_name=corpus().name, vocab_size=VOCAB_SIZE + 1)
+
+
+def test_vocab_without_mask_is_one_clear_line(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "##s"]) + "\n")
+    with pytest.raises(DataError) as info:
+        load_tokenizer(str(path))
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and "[MASK]" in msg and "[PAD]" in msg
+
+
+def test_undecodable_vocab_file_is_refused(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(b"[PAD]\n\xff\xfe\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_vocab_file(str(path))
+
+
+def test_load_from_vocab_file_tokenizer_json_and_directory_agree(tmp_path):
+    tok = tokenizer()
+    tok.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "vocab.txt").write_text(tok.vocab_text())
+    from_json = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    from_vocab = load_tokenizer(str(tmp_path / "vocab.txt"))
+    from_dir = load_tokenizer(str(tmp_path))
+    text = ["The Quick brown fox's tokenizer, isn't it?"]
+    ids = tok.encode_texts(text)[0]
+    for other in (from_json, from_vocab, from_dir):
+        assert other.fingerprint == tok.fingerprint
+        np.testing.assert_array_equal(other.encode_texts(text)[0], ids)
+
+
+def test_lowercasing_follows_the_vocab(tmp_path):
+    words = ["the", "The", "cat", "Cat", "##s"]
+    (tmp_path / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, *words]) + "\n")
+    cased = load_vocab_file(str(tmp_path / "vocab.txt"))
+    assert cased.encode_texts(["The cat"])[0].tolist() != cased.encode_texts(["the cat"])[0].tolist()
+    uncased = load_vocab_file(str(tmp_path / "vocab.txt"), lowercase=True)
+    assert uncased.encode_texts(["The Cat"])[0].tolist() == uncased.encode_texts(["the cat"])[0].tolist()
+
+
+def test_special_token_strings_in_text_stay_text():
+    tok = tokenizer()
+    ids = tok.encode_texts(["fill the [MASK] and [SEP] here"])[0]
+    assert not np.isin(ids, tok.special_ids[tok.special_ids != tok.unk_id]).any()
+
+
+def test_missing_directory_contents_is_clear(tmp_path):
+    with pytest.raises(DataError, match="neither tokenizer.json nor vocab.txt"):
+        load_tokenizer(str(tmp_path))
