@@ -114,11 +114,11 @@ def np_ltr_angle(t_layers, s_layers, mask):
         for p in range(t.shape[1]):
             if not mask[b, p]:
                 continue
-            for l in range(n):
+            for c in range(n):
                 for m in range(n):
                     for k in range(n):
-                        if m != l and k != l:
-                            total += (np_angle(s[b, p], l, m, k) - np_angle(t[b, p], l, m, k)) ** 2
+                        if m != c and k != c:
+                            total += (np_angle(s[b, p], c, m, k) - np_angle(t[b, p], c, m, k)) ** 2
                             count += 1
     return total / max(count, 1)
 

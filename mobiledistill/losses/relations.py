@@ -193,7 +193,8 @@ def wr_angle_loss(teacher_hidden: jax.Array, student_hidden: jax.Array, attentio
     psi(i; j, k) = cos(r_j - r_i, r_k - r_i) for j, k in the window of i (see `window_bounds`); a triple counts when
     i, j and k are real tokens and j != i, k != i (j == k is kept: cos = 1 for both models, unless r_j == r_i).
     Loss = sum over counted triples of (psi_S - psi_T)^2 / their number (whole batch).
-    `chunk_size` processes the centers in chunks under `jax.checkpoint` (lower peak memory, same value).
+    `chunk_size` processes the centers sequentially in chunks under `jax.checkpoint`: peak memory O(B*C*W*H) for
+    C = chunk_size instead of O(B*S*W*H), same value, some recomputation in the backward pass.
     """
     t, s = _util.teacher(teacher_hidden), f32(student_hidden)
     _check_pair(t, s, "wr_angle_loss", 3)
@@ -208,13 +209,20 @@ def wr_angle_loss(teacher_hidden: jax.Array, student_hidden: jax.Array, attentio
         return _ratio(*piece(t, s, idx, ok, t, s, valid))
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}; need >= 1 or None")
-    piece = jax.checkpoint(piece)
-    total, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
-    for c0 in range(0, seq, chunk_size):
-        c = slice(c0, c0 + chunk_size)
-        part, n = piece(t, s, idx[:, c], ok[:, c], t[:, c], s[:, c], valid[:, c])
-        total, count = total + part, count + n
-    return _ratio(total, count)
+    # Sequential chunks (lax.map) of centers under jax.checkpoint: only one chunk's [B, C, W, H] is alive, in the
+    # backward pass too. Padded centers (to a multiple of chunk_size) are marked invalid.
+    n_chunks = -(-seq // chunk_size)
+    pad = n_chunks * chunk_size - seq
+
+    def chunks(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(batch, n_chunks, chunk_size, *x.shape[2:]), 0, 1)
+
+    def body(args):
+        return piece(t, s, *args)
+
+    sums, counts = jax.lax.map(jax.checkpoint(body), tuple(chunks(x) for x in (idx, ok, t, s, valid)))
+    return _ratio(jnp.sum(sums), jnp.sum(counts))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,11 +258,11 @@ def ltr_pair_loss(teacher_layers: Sequence[jax.Array], student_layers: Sequence[
     return _ratio(*_pair_sums(t, s, valid, kind, distance_loss, eps))
 
 
-def _ltr_angle_piece(t, s, valid, l: int, eps: float):
+def _ltr_angle_piece(t, s, valid, center, eps: float):
     n = t.shape[2]
-    a_t = _angles(t, t[:, :, l], eps)  # [B, S, n_l, n_l]
-    a_s = _angles(s, s[:, :, l], eps)
-    others = jnp.arange(n) != l
+    a_t = _angles(t, t[:, :, center], eps)  # [B, S, n_l, n_l]
+    a_s = _angles(s, s[:, :, center], eps)
+    others = jnp.arange(n) != center
     m = valid[:, :, None, None] & others[:, None] & others[None, :]
     return jnp.sum(jnp.where(m, jnp.square(a_s - a_t), 0.0)), jnp.sum(m)
 
@@ -264,15 +272,14 @@ def ltr_angle_loss(teacher_layers: Sequence[jax.Array], student_layers: Sequence
     """Triple-wise layer transforming relation: per token, psi(l; m, n) = cos(x_m - x_l, x_n - x_l) over all its
     matched layers with m != l, n != l (m == n kept); squared error, mean over (real tokens, triples).
 
-    Each center layer l is computed under `jax.checkpoint`, so memory is O(B*S*n_l*H), not O(B*S*n_l^2*H).
+    The center layers l are processed sequentially (lax.map) under `jax.checkpoint`, so memory is O(B*S*n_l*H),
+    not O(B*S*n_l^2*H).
     """
     t, s = _stack_layers(teacher_layers, student_layers, "ltr_angle_loss", 3)
     valid = _valid(attention_mask, *s.shape[:2])
-    total, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
-    for l in range(s.shape[2]):
-        part, n = jax.checkpoint(functools.partial(_ltr_angle_piece, l=l, eps=eps))(t, s, valid)
-        total, count = total + part, count + n
-    return _ratio(total, count)
+    body = jax.checkpoint(lambda c: _ltr_angle_piece(t, s, valid, c, eps))
+    sums, counts = jax.lax.map(body, jnp.arange(s.shape[2]))
+    return _ratio(jnp.sum(sums), jnp.sum(counts))
 
 
 # ----------------------------------------------------------------------------------------------------------------
