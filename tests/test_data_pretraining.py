@@ -196,3 +196,18 @@ def test_config_is_validated():
         PretrainingConfig(max_seq_length=16, max_predictions_per_seq=40).validate()
     assert PretrainingConfig().max_predictions == 20
     assert PretrainingConfig(max_seq_length=512).max_predictions == 80
+
+
+def test_the_stream_does_not_depend_on_the_document_cache():
+    def run(cache):
+        it = PretrainingIterator(
+            corpus(), tokenizer(), global_batch_size=50, seed=11, process_index=0, process_count=1,
+            document_cache_size=cache,
+        )
+        if cache:  # every random-next segment then comes from cached tokens, not from freshly tokenised sentences
+            it.warm_cache()
+        return [it.next_numpy() for _ in range(6)]
+
+    for uncached, cached in zip(run(0), run(10_000)):
+        for k in cached:
+            np.testing.assert_array_equal(uncached[k], cached[k])

@@ -197,37 +197,61 @@ class PretrainingIterator(Iterator[dict[str, Any]]):
             self._mix_block = (block, rng.choice(len(self.corpora), size=_MIX_BLOCK, p=self.weights))
         return int(self._mix_block[1][step % _MIX_BLOCK])
 
-    def _tokenized(self, source: int, idx: int, report: SkipReport) -> list[list[np.ndarray]]:
-        key = (source, idx)
+    def _cached(self, kind: str, source: int, idx: int, make):
+        key = (kind, source, idx)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        pieces = self.builder.tokenize(self.corpora[source][idx], report)
-        self._cache[key] = pieces
+        value = make()
+        self._cache[key] = value
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return pieces
+        return value
+
+    def _tokenized(self, source: int, idx: int, report: SkipReport) -> list[list[np.ndarray]]:
+        return self._cached("tokens", source, idx, lambda: self.builder.tokenize(self.corpora[source][idx], report))
+
+    def _sentences(self, source: int, idx: int) -> list[list[str]]:
+        return self._cached("sentences", source, idx, lambda: self.builder.sentences(self.corpora[source][idx]))
+
+    def warm_cache(self) -> None:
+        """Tokenises this process's documents into the document cache now (worth it for corpora that fit in it)."""
+        for s in range(len(self.corpora)):
+            for idx in sorted(self.shard(s, 0).tolist())[: self._cache_size]:
+                self._tokenized(s, idx, SkipReport("warm cache"))
 
     def _document_instances(self, source: int, epoch: int, idx: int, report: SkipReport) -> list[Instance]:
-        pieces = self._tokenized(source, idx, report)
+        pieces = [[ids for ids in piece if len(ids)] for piece in self._tokenized(source, idx, report)]
+        pieces = [piece for piece in pieces if piece]
         if not pieces:
             return []
         rng = np.random.default_rng([self.seed, source, epoch, int(idx)])
         shard = self.shard(source, epoch)
 
-        def random_document(r: np.random.Generator) -> list[np.ndarray]:
+        def random_segment(r: np.random.Generator, target: int) -> np.ndarray:
+            """About `target` tokens from a random start sentence of a random other document of this shard."""
             for _ in range(10):
                 other = int(shard[r.integers(len(shard))])
                 if other == idx and len(shard) > 1:
                     continue
-                other_pieces = self._tokenized(source, other, SkipReport("random documents"))
-                if other_pieces:
-                    return other_pieces[int(r.integers(len(other_pieces)))]
-            return pieces[int(r.integers(len(pieces)))]
+                # Tokens if this document is cached anyway, else its sentences (cheap), tokenised as needed.
+                encoded = self._cache.get(("tokens", source, other))
+                sentences = encoded if encoded is not None else self._sentences(source, other)
+                if not sentences:
+                    continue
+                p = int(r.integers(len(sentences)))
+                start = int(r.integers(len(sentences[p])))
+                tokens = self.builder.segment_from(
+                    sentences[p], start, target, encoded=None if encoded is None else encoded[p]
+                )
+                if len(tokens):
+                    return tokens
+            piece = pieces[int(r.integers(len(pieces)))]  # a shard of empty documents: fall back to this one
+            return piece[int(r.integers(len(piece)))]
 
         out: list[Instance] = []
         for piece in pieces:
-            out.extend(self.builder.instances(piece, rng, random_document))
+            out.extend(self.builder.instances(piece, rng, random_segment))
         return out
 
     def _next_document(self) -> None:

@@ -17,6 +17,8 @@ Deliberate differences from the original script, each with its reason:
 - Random replacement tokens are drawn from the vocabulary without the five special tokens.
 - Documents over `max_document_chars` characters are cut into pieces at paragraph/line/space boundaries, and
   sentences over `max_sentence_chars` at spaces, so no single input can stall tokenisation; both are counted.
+- A random next segment starts at a random sentence of the other document counted before tokenisation, and only
+  the sentences it needs are tokenised: on a corpus too large to cache, this is what makes random-next cheap.
 - Pair truncation removes the right number of tokens from each end at once (binomially distributed, as the
   original's per-token coin flips) instead of looping token by token.
 """
@@ -160,36 +162,76 @@ class ExampleBuilder:
         self._random_pool = np.flatnonzero(~special).astype(np.int32)
         self._is_continuation = tokenizer.is_continuation
 
-    def tokenize(self, text: str, report: SkipReport | None = None) -> list[list[np.ndarray]]:
-        """A document as pieces (long documents are cut), each a list of non-empty sentence token arrays."""
+    def sentences(self, text: str, report: SkipReport | None = None) -> list[list[str]]:
+        """A document as pieces (documents over `max_document_chars` are cut), each a non-empty list of sentences."""
         cfg = self.config
-        pieces = _cut(text, cfg.max_document_chars, ("\n\n", "\n", " ")) if len(text) > cfg.max_document_chars else [text]
-        if report is not None and len(pieces) > 1:
-            report.add("long_documents_split", f"{len(text)} chars -> {len(pieces)} pieces")
-        sentence_lists = []
+        pieces = [text]
+        if len(text) > cfg.max_document_chars:
+            pieces = _cut(text, cfg.max_document_chars, ("\n\n", "\n", " "))
+            if report is not None:
+                report.add("long_documents_split", f"{len(text)} chars -> {len(pieces)} pieces")
+        out = []
         for piece in pieces:
             sentences, cut = split_sentences(piece, cfg.max_sentence_chars)
             if report is not None and cut:
                 report.add("long_sentences_split", n=cut)
-            sentence_lists.append(sentences)
-        flat = [s for ss in sentence_lists for s in ss]
-        encoded = iter(self.tokenizer.encode_texts(flat))
-        out = []
-        for ss in sentence_lists:
-            ids = [e for e in (next(encoded) for _ in ss) if len(e)]
-            if ids:
-                out.append(ids)
-        if report is not None and not out:
+            if sentences:
+                out.append(sentences)
+        return out
+
+    def tokenize(self, text: str, report: SkipReport | None = None) -> list[list[np.ndarray]]:
+        """Token ids of `sentences(text)`, aligned with it (a sentence that tokenises to nothing is an empty array)."""
+        sentence_lists = self.sentences(text, report)
+        encoded = iter(self.tokenizer.encode_texts([s for ss in sentence_lists for s in ss]))
+        out = [[next(encoded) for _ in ss] for ss in sentence_lists]
+        if report is not None and not any(len(e) for piece in out for e in piece):
             report.add("empty_documents")
         return out
+
+    def segment_from(
+        self, sentences: Sequence[str], start: int, target: int, encoded: Sequence[np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Tokens of sentences[start:], whole sentences, until at least `target` tokens (or the end).
+
+        `encoded`: the sentences' token ids if already known. Otherwise only the sentences needed are tokenised
+        (a few, not the whole random document), in chunks sized by a generous characters-per-token estimate; the
+        result is the same either way.
+        """
+        parts: list[np.ndarray] = []
+        got = 0
+        i = start
+        while i < len(sentences) and (got < target or not parts):
+            if encoded is not None:
+                batch, i = [encoded[i]], i + 1
+            else:
+                end, chars = i, 0
+                while end < len(sentences) and (chars < 6 * max(target - got, 1) or end == i):
+                    chars += len(sentences[end])
+                    end += 1
+                batch = self.tokenizer.encode_texts(list(sentences[i:end]))
+            for j, ids in enumerate(batch):
+                if len(ids):
+                    parts.append(ids)
+                    got += len(ids)
+                if got >= target and parts:
+                    if encoded is None:
+                        i += j + 1
+                    break
+            else:
+                if encoded is None:
+                    i += len(batch)
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
     def instances(
         self,
         document: list[np.ndarray],
         rng: np.random.Generator,
-        random_document: Callable[[np.random.Generator], list[np.ndarray]],
+        random_segment: Callable[[np.random.Generator, int], np.ndarray],
     ) -> list[Instance]:
-        """All instances of one document piece (BERT's create_instances_from_document)."""
+        """All instances of one document piece (BERT's create_instances_from_document).
+
+        random_segment(rng, target): at least one and about `target` tokens from a random other document.
+        """
         cfg = self.config
         max_num_tokens = cfg.max_seq_length - 3
         target = max_num_tokens
@@ -215,16 +257,7 @@ class ExampleBuilder:
                 elif not random_next:
                     tokens_b = np.concatenate(chunk[a_end:])
                 if random_next:
-                    target_b = target - len(tokens_a)
-                    other = random_document(rng)
-                    start = int(rng.integers(len(other)))
-                    parts, got = [], 0
-                    for sentence in other[start:]:
-                        parts.append(sentence)
-                        got += len(sentence)
-                        if got >= target_b:
-                            break
-                    tokens_b = np.concatenate(parts)
+                    tokens_b = random_segment(rng, target - len(tokens_a))
                     i -= len(chunk) - a_end  # the unused sentences of this chunk start the next one
                 tokens_a, tokens_b = _truncate_pair(tokens_a, tokens_b, max_num_tokens, rng)
                 out.append(self._masked(tokens_a, tokens_b, int(random_next), rng))
