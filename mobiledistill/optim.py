@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,42 +32,42 @@ import optax
 
 
 def _key_str(key: Any) -> str:
-  for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+    for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def path_to_str(path: Sequence[Any]) -> str:
-  """jax tree path (DictKey, GetAttrKey, SequenceKey, nnx path tuples of str/int) -> 'a/b/0/c'.
+    """jax tree path (DictKey, GetAttrKey, SequenceKey, nnx path tuples of str/int) -> 'a/b/0/c'.
 
-  The trailing `.value` of an `nnx.Variable` leaf is dropped, so an `nnx.State` and the
-  equivalent pure dict give the same strings.
-  """
-  keys = list(path)
-  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-    keys = keys[:-1]
-  return "/".join(_key_str(k) for k in keys)
+    The trailing `.value` of an `nnx.Variable` leaf is dropped, so an `nnx.State` and the
+    equivalent pure dict give the same strings.
+    """
+    keys = list(path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(_key_str(k) for k in keys)
 
 
 def param_paths(params: Any) -> list[str]:
-  """All leaf path strings of a parameter pytree, in flatten order."""
-  return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    """All leaf path strings of a parameter pytree, in flatten order."""
+    return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def is_bias_or_norm(path: str) -> bool:
-  """True for biases (last component 'bias') and norm parameters (a component has 'norm')."""
-  parts = path.split("/")
-  return parts[-1] == "bias" or any("norm" in p.lower() for p in parts)
+    """True for biases (last component 'bias') and norm parameters (a component has 'norm')."""
+    parts = path.split("/")
+    return parts[-1] == "bias" or any("norm" in p.lower() for p in parts)
 
 
 def _map_paths(fn: Callable[[str], Any], tree: Any) -> Any:
-  return jax.tree_util.tree_map_with_path(lambda p, _: fn(path_to_str(p)), tree)
+    return jax.tree_util.tree_map_with_path(lambda p, _: fn(path_to_str(p)), tree)
 
 
 def decay_mask(params: Any) -> Any:
-  """Bool tree: True where weight decay (and the LAMB trust ratio) apply."""
-  return _map_paths(lambda s: not is_bias_or_norm(s), params)
+    """Bool tree: True where weight decay (and the LAMB trust ratio) apply."""
+    return _map_paths(lambda s: not is_bias_or_norm(s), params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,170 +77,189 @@ Rules = Sequence[tuple[str, float]]
 
 
 def _compile_rules(rules: Rules | Mapping[str, float]) -> list[tuple[re.Pattern, float]]:
-  items = rules.items() if isinstance(rules, Mapping) else rules
-  out = []
-  for item in items:
-    pattern, scale = item
-    try:
-      out.append((re.compile(pattern), float(scale)))
-    except re.error as e:
-      raise ValueError(f"lr_scales: bad regex {pattern!r}: {e}") from None
-  return out
+    items = rules.items() if isinstance(rules, Mapping) else rules
+    out = []
+    for item in items:
+        pattern, scale = item
+        try:
+            out.append((re.compile(pattern), float(scale)))
+        except re.error as e:
+            raise ValueError(f"lr_scales: bad regex {pattern!r}: {e}") from None
+    return out
 
 
 def lr_scale_for(path: str, rules: Rules | Mapping[str, float], default: float = 1.0) -> float:
-  """Scale of the first rule whose regex `re.search`es `path`, else `default`.
+    """Scale of the first rule whose regex `re.search`es `path`, else `default`.
 
-  Anchor patterns as needed: 'encoder/layers/1/' does not match layer 10's parameters, while
-  'encoder/layers/1' would.
-  """
-  for pattern, scale in _compile_rules(rules):
-    if pattern.search(path):
-      return scale
-  return float(default)
+    Anchor patterns as needed: 'encoder/layers/1/' does not match layer 10's parameters, while
+    'encoder/layers/1' would.
+    """
+    for pattern, scale in _compile_rules(rules):
+        if pattern.search(path):
+            return scale
+    return float(default)
 
 
 def lr_scale_tree(params: Any, rules: Rules | Mapping[str, float], default: float = 1.0) -> Any:
-  """Float tree of per-parameter LR scales (0 = frozen)."""
-  compiled = _compile_rules(rules)
+    """Float tree of per-parameter LR scales (0 = frozen)."""
+    compiled = _compile_rules(rules)
 
-  def scale(path):
-    return next((s for p, s in compiled if p.search(path)), float(default))
-  return _map_paths(scale, params)
+    def scale(path):
+        return next((s for p, s in compiled if p.search(path)), float(default))
+
+    return _map_paths(scale, params)
 
 
 def trainable_mask(params: Any, rules: Rules | Mapping[str, float], default: float = 1.0) -> Any:
-  """Bool tree: False where the LR scale is 0 (for filtering what a train step differentiates)."""
-  return jax.tree.map(lambda s: s != 0.0, lr_scale_tree(params, rules, default))
+    """Bool tree: False where the LR scale is 0 (for filtering what a train step differentiates)."""
+    return jax.tree.map(lambda s: s != 0.0, lr_scale_tree(params, rules, default))
 
 
-def progressive_lr_rules(layer: int, lower_scale: float = 0.1,
-                         prefix: str = "encoder/layers") -> list[tuple[str, float]]:
-  """Rules for progressive-transfer stage `layer`: encoder layers below at `lower_scale`, the
-  active layer at 1.0; use with `default_lr_scale=0` so everything else stays frozen.
-  `prefix` is the path of the layer list (`layers` for a bare Encoder's state)."""
-  rules = [(rf"^{prefix}/{layer}/", 1.0)]
-  if layer > 0 and lower_scale != 0:
-    lower = "|".join(str(i) for i in range(layer))
-    rules.append((rf"^{prefix}/({lower})/", float(lower_scale)))
-  return rules
+def progressive_lr_rules(
+    layer: int, lower_scale: float = 0.1, prefix: str = "encoder/layers"
+) -> list[tuple[str, float]]:
+    """Rules for progressive-transfer stage `layer`: encoder layers below at `lower_scale`, the
+    active layer at 1.0; use with `default_lr_scale=0` so everything else stays frozen.
+    `prefix` is the path of the layer list (`layers` for a bare Encoder's state)."""
+    rules = [(rf"^{prefix}/{layer}/", 1.0)]
+    if layer > 0 and lower_scale != 0:
+        lower = "|".join(str(i) for i in range(layer))
+        rules.append((rf"^{prefix}/({lower})/", float(lower_scale)))
+    return rules
 
 
-def scale_by_lr_rules(rules: Rules | Mapping[str, float],
-                      default: float = 1.0) -> optax.GradientTransformation:
-  """Multiplies each update by its path's LR scale (scale 1 leaves it untouched)."""
-  compiled = _compile_rules(rules)
+def scale_by_lr_rules(rules: Rules | Mapping[str, float], default: float = 1.0) -> optax.GradientTransformation:
+    """Multiplies each update by its path's LR scale (scale 1 leaves it untouched)."""
+    compiled = _compile_rules(rules)
 
-  def scale(path):
-    return next((s for p, s in compiled if p.search(path)), float(default))
+    def scale(path):
+        return next((s for p, s in compiled if p.search(path)), float(default))
 
-  def update_fn(updates, state, params=None):
-    del params
+    def update_fn(updates, state, params=None):
+        del params
 
-    def one(path, u):
-      s = scale(path_to_str(path))
-      return u if s == 1.0 else u * jnp.asarray(s, u.dtype)
-    return jax.tree_util.tree_map_with_path(one, updates), state
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+        def one(path, u):
+            s = scale(path_to_str(path))
+            return u if s == 1.0 else u * jnp.asarray(s, u.dtype)
+
+        return jax.tree_util.tree_map_with_path(one, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def freeze() -> optax.GradientTransformation:
-  """Updates of exactly -0.0 regardless of the gradient.
+    """Updates of exactly -0.0 regardless of the gradient.
 
-  IEEE: p + (-0.0) == p bit for bit for every p, so `optax.apply_updates` leaves frozen
-  parameters bit-identical (`optax.set_to_zero()`'s +0.0 turns a -0.0 parameter into +0.0).
-  """
-  def update_fn(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    IEEE: p + (-0.0) == p bit for bit for every p, so `optax.apply_updates` leaves frozen
+    parameters bit-identical (`optax.set_to_zero()`'s +0.0 turns a -0.0 parameter into +0.0).
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer cores
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-                  bias_correction: bool = True) -> optax.GradientTransformation:
-  """Adam moments, m_hat / (sqrt(v_hat) + eps). `bias_correction=False` is the official TF
-  BERT/MobileBERT form m / (sqrt(v) + eps) (state layout identical to optax's)."""
-  if bias_correction:
-    return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, bias_correction: bool = True
+) -> optax.GradientTransformation:
+    """Adam moments, m_hat / (sqrt(v_hat) + eps). `bias_correction=False` is the official TF
+    BERT/MobileBERT form m / (sqrt(v) + eps) (state layout identical to optax's)."""
+    if bias_correction:
+        return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
-  def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
-    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
-                                  nu=jax.tree.map(jnp.copy, zeros))
+    def init_fn(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=jax.tree.map(jnp.copy, zeros))
 
-  def update_fn(updates, state, params=None):
-    del params
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-    new = jax.tree.map(lambda m, v, u: (m / (jnp.sqrt(v) + eps)).astype(u.dtype), mu, nu, updates)
-    return new, optax.ScaleByAdamState(count=optax.safe_increment(state.count), mu=mu, nu=nu)
-  return optax.GradientTransformation(init_fn, update_fn)
+    def update_fn(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        new = jax.tree.map(lambda m, v, u: (m / (jnp.sqrt(v) + eps)).astype(u.dtype), mu, nu, updates)
+        return new, optax.ScaleByAdamState(count=optax.safe_increment(state.count), mu=mu, nu=nu)
 
-
-def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
-         mask: Any = decay_mask) -> optax.GradientTransformation:
-  """LAMB: Adam direction + decoupled weight decay, times the trust ratio ||p|| / ||update||
-  (1 when either norm is 0), times the learning rate. `mask` (tree or callable, True = apply)
-  selects the leaves that get weight decay AND the trust ratio; the others get plain Adam."""
-  return optax.chain(
-      scale_by_adam(b1, b2, eps, bias_correction),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.masked(optax.scale_by_trust_ratio(), mask),  # un-masked leaves pass through
-      optax.scale_by_learning_rate(learning_rate),
-  )
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-          eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
-          mask: Any = decay_mask) -> optax.GradientTransformation:
-  """AdamW (decoupled decay, lr * (adam + wd * p)) with decay only where `mask` is True."""
-  return optax.chain(
-      scale_by_adam(b1, b2, eps, bias_correction),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+def lamb(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.01,
+    bias_correction: bool = True,
+    mask: Any = decay_mask,
+) -> optax.GradientTransformation:
+    """LAMB: Adam direction + decoupled weight decay, times the trust ratio ||p|| / ||update||
+    (1 when either norm is 0), times the learning rate. `mask` (tree or callable, True = apply)
+    selects the leaves that get weight decay AND the trust ratio; the others get plain Adam."""
+    return optax.chain(
+        scale_by_adam(b1, b2, eps, bias_correction),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.masked(optax.scale_by_trust_ratio(), mask),  # un-masked leaves pass through
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.01,
+    bias_correction: bool = True,
+    mask: Any = decay_mask,
+) -> optax.GradientTransformation:
+    """AdamW (decoupled decay, lr * (adam + wd * p)) with decay only where `mask` is True."""
+    return optax.chain(
+        scale_by_adam(b1, b2, eps, bias_correction),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Schedules (evaluated at the optimizer's update count, starting at 0)
 
 
-def warmup_linear_schedule(peak: float, warmup_steps: int, total_steps: int,
-                           end_ratio: float = 0.0) -> optax.Schedule:
-  """0 -> peak linearly over `warmup_steps`, then linearly to `end_ratio * peak` at
-  `total_steps`, constant after. PD: (1.5e-3, 10_000, 500_000, 1e-4); fine-tuning: end 0."""
-  decay = optax.linear_schedule(peak, peak * end_ratio, max(total_steps - warmup_steps, 1))
-  if warmup_steps <= 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), decay],
-                              [warmup_steps])
+def warmup_linear_schedule(peak: float, warmup_steps: int, total_steps: int, end_ratio: float = 0.0) -> optax.Schedule:
+    """0 -> peak linearly over `warmup_steps`, then linearly to `end_ratio * peak` at
+    `total_steps`, constant after. PD: (1.5e-3, 10_000, 500_000, 1e-4); fine-tuning: end 0."""
+    decay = optax.linear_schedule(peak, peak * end_ratio, max(total_steps - warmup_steps, 1))
+    if warmup_steps <= 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), decay], [warmup_steps])
 
 
-def warmup_linear_official_schedule(peak: float, warmup_steps: int, total_steps: int,
-                                    end_ratio: float = 0.0) -> optax.Schedule:
-  """TF BERT/MobileBERT `create_optimizer`: the linear decay runs from step 0 (peak) to
-  `total_steps` and the warm-up `peak * step / warmup_steps` overrides it before `warmup_steps`
-  (so the peak itself is never reached: lr(W) = peak * (1 - (1 - end_ratio) * W / total))."""
-  decay = optax.linear_schedule(peak, peak * end_ratio, max(total_steps, 1))
+def warmup_linear_official_schedule(
+    peak: float, warmup_steps: int, total_steps: int, end_ratio: float = 0.0
+) -> optax.Schedule:
+    """TF BERT/MobileBERT `create_optimizer`: the linear decay runs from step 0 (peak) to
+    `total_steps` and the warm-up `peak * step / warmup_steps` overrides it before `warmup_steps`
+    (so the peak itself is never reached: lr(W) = peak * (1 - (1 - end_ratio) * W / total))."""
+    decay = optax.linear_schedule(peak, peak * end_ratio, max(total_steps, 1))
 
-  def schedule(step):
-    warm = peak * jnp.asarray(step, jnp.float32) / max(warmup_steps, 1)
-    return jnp.where(step < warmup_steps, warm, decay(step))
-  return schedule
+    def schedule(step):
+        warm = peak * jnp.asarray(step, jnp.float32) / max(warmup_steps, 1)
+        return jnp.where(step < warmup_steps, warm, decay(step))
+
+    return schedule
 
 
 def constant_schedule(peak: float, warmup_steps: int = 0) -> optax.Schedule:
-  """Constant `peak`, optionally after a linear warm-up from 0 (progressive stages: a fresh
-  optimizer per stage restarts the warm-up)."""
-  if warmup_steps <= 0:
-    return optax.constant_schedule(peak)
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps),
-                               optax.constant_schedule(peak)], [warmup_steps])
+    """Constant `peak`, optionally after a linear warm-up from 0 (progressive stages: a fresh
+    optimizer per stage restarts the warm-up)."""
+    if warmup_steps <= 0:
+        return optax.constant_schedule(peak)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)], [warmup_steps]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,139 +271,145 @@ SCHEDULES = ("constant", "warmup_linear", "warmup_linear_official")
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """Everything `make_optimizer` needs. Fields:
+    """Everything `make_optimizer` needs. Fields:
 
-  name: 'lamb' | 'adamw'.  learning_rate: peak LR.
-  schedule: 'constant' (after `warmup_steps` linear warm-up), 'warmup_linear' (warm-up, then
-    linear to end_lr_ratio * peak at total_steps), 'warmup_linear_official' (TF BERT form).
-  warmup_steps, warmup_fraction: warm-up length; a fraction > 0 wins: int(fraction * total_steps)
-    (fine-tuning uses 0.1).  total_steps: optimizer updates of the stage.  end_lr_ratio: PD 1e-4.
-  b1, b2, eps, weight_decay: 0.9, 0.999, 1e-6, 0.01 (no decay/trust ratio on biases and norms).
-  clip_norm: global-norm clipping of the trainable gradients (None or 0 = off).
-  bias_correction: Adam bias correction (optax); False = official TF LAMB/AdamW.
-  lr_scales: ordered (regex, scale) rules on parameter paths, first match wins; a dict keeps
-    insertion order. default_lr_scale: scale of unmatched parameters. Scale 0 = frozen.
-  accumulation_steps: micro-batches per update (optax.MultiSteps, mean of the gradients); the
-    schedule counts updates, not micro-batches.
-  skip_nonfinite: skip updates (micro-steps with accumulation) whose gradients have NaN/Inf.
-  """
-  name: str = "lamb"
-  learning_rate: float = 1.5e-3
-  schedule: str = "constant"
-  warmup_steps: int = 0
-  warmup_fraction: float = 0.0
-  total_steps: int = 0
-  end_lr_ratio: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-6
-  weight_decay: float = 0.01
-  clip_norm: float | None = 1.0
-  bias_correction: bool = True
-  lr_scales: tuple[tuple[str, float], ...] = ()
-  default_lr_scale: float = 1.0
-  accumulation_steps: int = 1
-  skip_nonfinite: bool = False
+    name: 'lamb' | 'adamw'.  learning_rate: peak LR.
+    schedule: 'constant' (after `warmup_steps` linear warm-up), 'warmup_linear' (warm-up, then
+      linear to end_lr_ratio * peak at total_steps), 'warmup_linear_official' (TF BERT form).
+    warmup_steps, warmup_fraction: warm-up length; a fraction > 0 wins: int(fraction * total_steps)
+      (fine-tuning uses 0.1).  total_steps: optimizer updates of the stage.  end_lr_ratio: PD 1e-4.
+    b1, b2, eps, weight_decay: 0.9, 0.999, 1e-6, 0.01 (no decay/trust ratio on biases and norms).
+    clip_norm: global-norm clipping of the trainable gradients (None or 0 = off).
+    bias_correction: Adam bias correction (optax); False = official TF LAMB/AdamW.
+    lr_scales: ordered (regex, scale) rules on parameter paths, first match wins; a dict keeps
+      insertion order. default_lr_scale: scale of unmatched parameters. Scale 0 = frozen.
+    accumulation_steps: micro-batches per update (optax.MultiSteps, mean of the gradients); the
+      schedule counts updates, not micro-batches.
+    skip_nonfinite: skip updates (micro-steps with accumulation) whose gradients have NaN/Inf.
+    """
 
-  def __post_init__(self):
-    rules = self.lr_scales.items() if isinstance(self.lr_scales, Mapping) else self.lr_scales
-    object.__setattr__(self, "lr_scales", tuple((str(p), float(s)) for p, s in rules))
-    _compile_rules(self.lr_scales)
-    if self.name not in OPTIMIZERS:
-      raise ValueError(f"optimizer.name={self.name!r}; valid: {OPTIMIZERS}")
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f"optimizer.schedule={self.schedule!r}; valid: {SCHEDULES}")
-    if self.schedule != "constant" and self.total_steps <= 0:
-      raise ValueError(f"optimizer.total_steps={self.total_steps}: schedule {self.schedule!r} "
-                       "needs total_steps > 0")
-    if not 0.0 <= self.warmup_fraction < 1.0 or self.warmup_steps < 0:
-      raise ValueError(f"optimizer: warmup_steps={self.warmup_steps}, warmup_fraction="
-                       f"{self.warmup_fraction}; need steps >= 0 and 0 <= fraction < 1")
-    if self.accumulation_steps < 1:
-      raise ValueError(f"optimizer.accumulation_steps={self.accumulation_steps}; need >= 1")
+    name: str = "lamb"
+    learning_rate: float = 1.5e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.0
+    total_steps: int = 0
+    end_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    clip_norm: float | None = 1.0
+    bias_correction: bool = True
+    lr_scales: tuple[tuple[str, float], ...] = ()
+    default_lr_scale: float = 1.0
+    accumulation_steps: int = 1
+    skip_nonfinite: bool = False
 
-  @property
-  def effective_warmup_steps(self) -> int:
-    if self.warmup_fraction > 0:
-      return int(self.warmup_fraction * self.total_steps)
-    return int(self.warmup_steps)
+    def __post_init__(self):
+        rules = self.lr_scales.items() if isinstance(self.lr_scales, Mapping) else self.lr_scales
+        object.__setattr__(self, "lr_scales", tuple((str(p), float(s)) for p, s in rules))
+        _compile_rules(self.lr_scales)
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer.name={self.name!r}; valid: {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optimizer.schedule={self.schedule!r}; valid: {SCHEDULES}")
+        if self.schedule != "constant" and self.total_steps <= 0:
+            raise ValueError(
+                f"optimizer.total_steps={self.total_steps}: schedule {self.schedule!r} needs total_steps > 0"
+            )
+        if not 0.0 <= self.warmup_fraction < 1.0 or self.warmup_steps < 0:
+            raise ValueError(
+                f"optimizer: warmup_steps={self.warmup_steps}, warmup_fraction="
+                f"{self.warmup_fraction}; need steps >= 0 and 0 <= fraction < 1"
+            )
+        if self.accumulation_steps < 1:
+            raise ValueError(f"optimizer.accumulation_steps={self.accumulation_steps}; need >= 1")
 
-  @classmethod
-  def from_config(cls, cfg: Any) -> "OptimizerConfig":
-    """Accepts an OptimizerConfig, a mapping or an ml_collections ConfigDict; unknown keys are
-    an error that names them and lists the valid ones."""
-    if isinstance(cfg, cls):
-      return cfg
-    if hasattr(cfg, "to_dict"):
-      cfg = cfg.to_dict()
-    cfg = dict(cfg)
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - valid)
-    if unknown:
-      raise ValueError(f"optimizer config: unknown keys {unknown}; valid: {sorted(valid)}")
-    return cls(**cfg)
+    @property
+    def effective_warmup_steps(self) -> int:
+        if self.warmup_fraction > 0:
+            return int(self.warmup_fraction * self.total_steps)
+        return int(self.warmup_steps)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "OptimizerConfig":
+        """Accepts an OptimizerConfig, a mapping or an ml_collections ConfigDict; unknown keys are
+        an error that names them and lists the valid ones."""
+        if isinstance(cfg, cls):
+            return cfg
+        if hasattr(cfg, "to_dict"):
+            cfg = cfg.to_dict()
+        cfg = dict(cfg)
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            raise ValueError(f"optimizer config: unknown keys {unknown}; valid: {sorted(valid)}")
+        return cls(**cfg)
 
 
 def make_schedule(cfg: Any) -> optax.Schedule:
-  cfg = OptimizerConfig.from_config(cfg)
-  warmup = cfg.effective_warmup_steps
-  if cfg.schedule == "constant":
-    return constant_schedule(cfg.learning_rate, warmup)
-  fn = (warmup_linear_schedule if cfg.schedule == "warmup_linear"
-        else warmup_linear_official_schedule)
-  return fn(cfg.learning_rate, warmup, cfg.total_steps, cfg.end_lr_ratio)
+    cfg = OptimizerConfig.from_config(cfg)
+    warmup = cfg.effective_warmup_steps
+    if cfg.schedule == "constant":
+        return constant_schedule(cfg.learning_rate, warmup)
+    fn = warmup_linear_schedule if cfg.schedule == "warmup_linear" else warmup_linear_official_schedule
+    return fn(cfg.learning_rate, warmup, cfg.total_steps, cfg.end_lr_ratio)
 
 
 def make_optimizer(cfg: Any) -> optax.GradientTransformation:
-  """Builds the optimizer described by `cfg` (see `OptimizerConfig`); module docstring has the
-  structure. Works on any parameter pytree (nested dicts, `nnx.State`)."""
-  cfg = OptimizerConfig.from_config(cfg)
-  core = (lamb if cfg.name == "lamb" else adamw)(
-      make_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.bias_correction)
-  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
-  parts += [core, scale_by_lr_rules(cfg.lr_scales, cfg.default_lr_scale)]
-  train = optax.chain(*parts)
-  if cfg.accumulation_steps > 1:
-    skip = optax.skip_not_finite if cfg.skip_nonfinite else None
-    train = optax.MultiSteps(train, cfg.accumulation_steps,
-                             should_skip_update_fn=skip).gradient_transformation()
-  elif cfg.skip_nonfinite:
-    train = optax.apply_if_finite(train, max_consecutive_errors=2**30)
+    """Builds the optimizer described by `cfg` (see `OptimizerConfig`); module docstring has the
+    structure. Works on any parameter pytree (nested dicts, `nnx.State`)."""
+    cfg = OptimizerConfig.from_config(cfg)
+    core = (lamb if cfg.name == "lamb" else adamw)(
+        make_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.bias_correction
+    )
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    parts += [core, scale_by_lr_rules(cfg.lr_scales, cfg.default_lr_scale)]
+    train = optax.chain(*parts)
+    if cfg.accumulation_steps > 1:
+        skip = optax.skip_not_finite if cfg.skip_nonfinite else None
+        train = optax.MultiSteps(train, cfg.accumulation_steps, should_skip_update_fn=skip).gradient_transformation()
+    elif cfg.skip_nonfinite:
+        train = optax.apply_if_finite(train, max_consecutive_errors=2**30)
 
-  def labels(params):
-    scales = lr_scale_tree(params, cfg.lr_scales, cfg.default_lr_scale)
-    return jax.tree.map(lambda s: "frozen" if s == 0.0 else "train", scales)
-  return optax.partition({"train": train, "frozen": freeze()}, labels)
+    def labels(params):
+        scales = lr_scale_tree(params, cfg.lr_scales, cfg.default_lr_scale)
+        return jax.tree.map(lambda s: "frozen" if s == 0.0 else "train", scales)
+
+    return optax.partition({"train": train, "frozen": freeze()}, labels)
 
 
 # ---------------------------------------------------------------------------------------------
 # In-step gradient accumulation
 
 
-def accumulate_gradients(value_and_grad_fn: Callable[[Any, Any], tuple[Any, Any]], params: Any,
-                         batch: Any, num_micro_batches: int) -> tuple[Any, Any]:
-  """Mean of `value_and_grad_fn(params, micro_batch)` over micro-batches, with `lax.scan`.
+def accumulate_gradients(
+    value_and_grad_fn: Callable[[Any, Any], tuple[Any, Any]], params: Any, batch: Any, num_micro_batches: int
+) -> tuple[Any, Any]:
+    """Mean of `value_and_grad_fn(params, micro_batch)` over micro-batches, with `lax.scan`.
 
-  An alternative to `accumulation_steps` (use one or the other): the whole global batch is
-  processed in one jitted call. Micro-batch i takes rows i, i+n, i+2n, ... so that each stays
-  spread over a batch-sharded mesh. The value may be any pytree (e.g. (loss, metrics)); the mean
-  of micro-batch means equals the global mean for per-example means of equal-size micro-batches.
-  """
-  n = int(num_micro_batches)
-  if n == 1:
-    return value_and_grad_fn(params, batch)
-  sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
-  if len(sizes) != 1 or next(iter(sizes)) % n:
-    raise ValueError(f"accumulate_gradients: batch leading sizes {sorted(sizes)} must be one "
-                     f"size divisible by num_micro_batches={n}")
-  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1),
-                       batch)
-  first = jax.tree.map(lambda x: x[0], micro)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(value_and_grad_fn, params, first))
+    An alternative to `accumulation_steps` (use one or the other): the whole global batch is
+    processed in one jitted call. Micro-batch i takes rows i, i+n, i+2n, ... so that each stays
+    spread over a batch-sharded mesh. The value may be any pytree (e.g. (loss, metrics)); the mean
+    of micro-batch means equals the global mean for per-example means of equal-size micro-batches.
+    """
+    n = int(num_micro_batches)
+    if n == 1:
+        return value_and_grad_fn(params, batch)
+    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or next(iter(sizes)) % n:
+        raise ValueError(
+            f"accumulate_gradients: batch leading sizes {sorted(sizes)} must be one "
+            f"size divisible by num_micro_batches={n}"
+        )
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(value_and_grad_fn, params, first))
 
-  def body(acc, mb):
-    out = value_and_grad_fn(params, mb)
-    return jax.tree.map(jnp.add, acc, out), None
-  total, _ = jax.lax.scan(body, zeros, micro)
-  return jax.tree.map(lambda x: x / n, total)
+    def body(acc, mb):
+        out = value_and_grad_fn(params, mb)
+        return jax.tree.map(jnp.add, acc, out), None
+
+    total, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda x: x / n, total)

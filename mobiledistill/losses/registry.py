@@ -9,7 +9,8 @@ A term is built by a registered factory from keyword parameters:
 with the fields a term needs: `hidden_states`, `attention_scores` (encoder), and, from the heads,
 `mlm_logits` ([B, P, V] at the masked positions), `nsp_logits` [B, 2], `logits` (task head).
 `batch` is a mapping: `attention_mask`, `masked_lm_ids`, `masked_lm_weights`,
-`next_sentence_labels`, `labels`, optional `example_weights` [B] for task terms. Teacher-free terms ignore `teacher_out` (it may be None).
+`next_sentence_labels`, `labels`, optional `example_weights` [B] for task terms. Teacher-free
+terms ignore `teacher_out` (it may be None).
 
 New terms (CKD word / layer-transforming relations, PTP's 4-way CE, ...) are added with
 `@register_loss("name")` without touching anything else; `build_loss` turns a config mapping
@@ -35,116 +36,126 @@ LOSS_REGISTRY: dict[str, Callable[..., LossFn]] = {}
 
 
 def register_loss(name: str):
-  """Decorator registering `factory(**params) -> LossFn` under `name`."""
-  def deco(factory):
-    if name in LOSS_REGISTRY:
-      raise ValueError(f"loss {name!r} is already registered")
-    LOSS_REGISTRY[name] = factory
-    return factory
-  return deco
+    """Decorator registering `factory(**params) -> LossFn` under `name`."""
+
+    def deco(factory):
+        if name in LOSS_REGISTRY:
+            raise ValueError(f"loss {name!r} is already registered")
+        LOSS_REGISTRY[name] = factory
+        return factory
+
+    return deco
 
 
 def make_loss(name: str, **params) -> LossFn:
-  if name not in LOSS_REGISTRY:
-    raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSS_REGISTRY)}")
-  try:
-    return LOSS_REGISTRY[name](**params)
-  except TypeError as e:
-    raise ValueError(f"loss {name!r}: bad parameters {sorted(params)} ({e})") from None
+    if name not in LOSS_REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSS_REGISTRY)}")
+    try:
+        return LOSS_REGISTRY[name](**params)
+    except TypeError as e:
+        raise ValueError(f"loss {name!r}: bad parameters {sorted(params)} ({e})") from None
 
 
 def build_loss(spec: Mapping[str, Mapping[str, Any]]):
-  """Config mapping {term: {weight, [loss], **params}} -> fn(t, s, batch) -> (total, terms).
+    """Config mapping {term: {weight, [loss], **params}} -> fn(t, s, batch) -> (total, terms).
 
-  `loss` names the registered factory (default: the term name). Terms with weight 0 are dropped.
-  """
-  terms: list[tuple[str, float, LossFn]] = []
-  for term, cfg in spec.items():
-    cfg = dict(cfg)
-    weight = float(cfg.pop("weight", 1.0))
-    name = cfg.pop("loss", term)
-    if weight != 0.0:
-      terms.append((term, weight, make_loss(name, **cfg)))
+    `loss` names the registered factory (default: the term name). Terms with weight 0 are dropped.
+    """
+    terms: list[tuple[str, float, LossFn]] = []
+    for term, cfg in spec.items():
+        cfg = dict(cfg)
+        weight = float(cfg.pop("weight", 1.0))
+        name = cfg.pop("loss", term)
+        if weight != 0.0:
+            terms.append((term, weight, make_loss(name, **cfg)))
 
-  def loss_fn(teacher_out, student_out, batch):
-    values = {term: fn(teacher_out, student_out, batch) for term, _, fn in terms}
-    total = sum((w * values[t] for t, w, _ in terms), jnp.zeros((), jnp.float32))
-    return total, values
-  return loss_fn
+    def loss_fn(teacher_out, student_out, batch):
+        values = {term: fn(teacher_out, student_out, batch) for term, _, fn in terms}
+        total = sum((w * values[t] for t, w, _ in terms), jnp.zeros((), jnp.float32))
+        return total, values
+
+    return loss_fn
 
 
 def _transfer_term(term: str):
-  def factory(layers, **kw) -> LossFn:
-    def fn(t, s, batch):
-      _, terms = transfer.layer_transfer_loss(t, s, layers, {term: 1.0},
-                                              batch.get("attention_mask"), **kw)
-      return terms[term]
-    return fn
-  return factory
+    def factory(layers, **kw) -> LossFn:
+        def fn(t, s, batch):
+            _, terms = transfer.layer_transfer_loss(t, s, layers, {term: 1.0}, batch.get("attention_mask"), **kw)
+            return terms[term]
+
+        return fn
+
+    return factory
 
 
 for _term in ("fmt", "at", "beta", "gamma"):
-  register_loss(_term)(_transfer_term(_term))
+    register_loss(_term)(_transfer_term(_term))
 
 
 @register_loss("mlm")
 def _mlm() -> LossFn:
-  return lambda t, s, b: distill.mlm_loss(field(s, "mlm_logits"), b["masked_lm_ids"],
-                                          b["masked_lm_weights"])
+    return lambda t, s, b: distill.mlm_loss(field(s, "mlm_logits"), b["masked_lm_ids"], b["masked_lm_weights"])
 
 
 @register_loss("mlm_distill")
 def _mlm_distill(alpha: float = 0.5, temperature: float = 1.0) -> LossFn:
-  return lambda t, s, b: distill.mlm_distill_loss(
-      field(s, "mlm_logits"), b["masked_lm_ids"], b["masked_lm_weights"],
-      field(t, "mlm_logits"), alpha=alpha, temperature=temperature)
+    return lambda t, s, b: distill.mlm_distill_loss(
+        field(s, "mlm_logits"),
+        b["masked_lm_ids"],
+        b["masked_lm_weights"],
+        field(t, "mlm_logits"),
+        alpha=alpha,
+        temperature=temperature,
+    )
 
 
 @register_loss("nsp")
 def _nsp() -> LossFn:
-  return lambda t, s, b: distill.nsp_loss(field(s, "nsp_logits"), b["next_sentence_labels"])
+    return lambda t, s, b: distill.nsp_loss(field(s, "nsp_logits"), b["next_sentence_labels"])
 
 
 @register_loss("task_ce")
 def _task_ce() -> LossFn:
-  return lambda t, s, b: distill.cross_entropy(field(s, "logits"), b["labels"],
-                                               b.get("example_weights"))
+    return lambda t, s, b: distill.cross_entropy(field(s, "logits"), b["labels"], b.get("example_weights"))
 
 
 @register_loss("logit_kd")
 def _logit_kd(temperature: float = 1.0, t_squared: bool = False) -> LossFn:
-  return lambda t, s, b: distill.logit_kd_loss(field(s, "logits"), field(t, "logits"),
-                                               temperature, t_squared=t_squared,
-                                               weights=b.get("example_weights"))
+    return lambda t, s, b: distill.logit_kd_loss(
+        field(s, "logits"), field(t, "logits"), temperature, t_squared=t_squared, weights=b.get("example_weights")
+    )
 
 
 @register_loss("kl_kd")
-def _kl_kd(temperature: float = 1.0, t_squared: bool = True,
-           reduction: str = "batchmean") -> LossFn:
-  return lambda t, s, b: distill.kl_divergence(field(s, "logits"), field(t, "logits"),
-                                               temperature, t_squared=t_squared,
-                                               weights=b.get("example_weights"),
-                                               reduction=reduction)
+def _kl_kd(temperature: float = 1.0, t_squared: bool = True, reduction: str = "batchmean") -> LossFn:
+    return lambda t, s, b: distill.kl_divergence(
+        field(s, "logits"),
+        field(t, "logits"),
+        temperature,
+        t_squared=t_squared,
+        weights=b.get("example_weights"),
+        reduction=reduction,
+    )
 
 
 @register_loss("regression_kd")
 def _regression_kd() -> LossFn:
-  return lambda t, s, b: distill.mse_loss(field(s, "logits"), field(t, "logits"),
-                                          b.get("example_weights"))
+    return lambda t, s, b: distill.mse_loss(field(s, "logits"), field(t, "logits"), b.get("example_weights"))
 
 
 @register_loss("regression")
 def _regression() -> LossFn:
-  return lambda t, s, b: distill.mse_loss(jnp.reshape(field(s, "logits"), (-1,)),
-                                          jnp.reshape(b["labels"], (-1,)),
-                                          b.get("example_weights"))
+    return lambda t, s, b: distill.mse_loss(
+        jnp.reshape(field(s, "logits"), (-1,)), jnp.reshape(b["labels"], (-1,)), b.get("example_weights")
+    )
 
 
 @register_loss("patience")
 def _patience(student_layers, teacher_layers) -> LossFn:
-  """PKD [CLS] patience over `hidden_states` indices (0 = embeddings) mapped pair-wise."""
-  def fn(t, s, b):
-    sh, th = field(s, "hidden_states"), field(t, "hidden_states")
-    return distill.cls_patience_loss([sh[i][:, 0] for i in student_layers],
-                                     [th[i][:, 0] for i in teacher_layers])
-  return fn
+    """PKD [CLS] patience over `hidden_states` indices (0 = embeddings) mapped pair-wise."""
+
+    def fn(t, s, b):
+        sh, th = field(s, "hidden_states"), field(t, "hidden_states")
+        return distill.cls_patience_loss([sh[i][:, 0] for i in student_layers], [th[i][:, 0] for i in teacher_layers])
+
+    return fn

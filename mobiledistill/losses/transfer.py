@@ -30,173 +30,226 @@ DEFAULT_TRANSFER_WEIGHTS = {"fmt": 100.0, "at": 1.0, "beta": 5000.0, "gamma": 5.
 
 
 def layer_norm(x: jax.Array, eps: float = DEFAULT_LN_EPS) -> jax.Array:
-  """Parameter-free LayerNorm over the last axis (population variance), float32."""
-  x = f32(x)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+    """Parameter-free LayerNorm over the last axis (population variance), float32."""
+    x = f32(x)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
 def _token_mask(attention_mask, mask_padding: bool):
-  return None if (attention_mask is None or not mask_padding) else f32(attention_mask)
+    return None if (attention_mask is None or not mask_padding) else f32(attention_mask)
 
 
-def feature_map_transfer(teacher_hidden: jax.Array, student_hidden: jax.Array,
-                         attention_mask: jax.Array | None = None, *, normalize: bool = True,
-                         mask_padding: bool = True, ln_eps: float = DEFAULT_LN_EPS) -> jax.Array:
-  """FMT: mean over (batch, valid tokens, d) of (LN(T) - LN(S))^2; `normalize=False` is plain MSE.
+def feature_map_transfer(
+    teacher_hidden: jax.Array,
+    student_hidden: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    normalize: bool = True,
+    mask_padding: bool = True,
+    ln_eps: float = DEFAULT_LN_EPS,
+) -> jax.Array:
+    """FMT: mean over (batch, valid tokens, d) of (LN(T) - LN(S))^2; `normalize=False` is plain MSE.
 
-  Inputs [B, S, d] (same d). Padded tokens are excluded when `mask_padding` and a mask is given.
-  """
-  t, s = teacher(teacher_hidden), f32(student_hidden)
-  if normalize:
-    t, s = layer_norm(t, ln_eps), layer_norm(s, ln_eps)
-  per_token = jnp.mean(jnp.square(t - s), axis=-1)
-  return masked_mean(per_token, _token_mask(attention_mask, mask_padding))
+    Inputs [B, S, d] (same d). Padded tokens are excluded when `mask_padding` and a mask is given.
+    """
+    t, s = teacher(teacher_hidden), f32(student_hidden)
+    if normalize:
+        t, s = layer_norm(t, ln_eps), layer_norm(s, ln_eps)
+    per_token = jnp.mean(jnp.square(t - s), axis=-1)
+    return masked_mean(per_token, _token_mask(attention_mask, mask_padding))
 
 
 def _abs(x: jax.Array) -> jax.Array:
-  # |x| with gradient sign(x), i.e. 0 at x = 0 like TF's Abs (jnp.abs has gradient 1 at 0), so
-  # gamma is stationary when student == teacher.
-  return x * jax.lax.stop_gradient(jnp.sign(x))
+    # |x| with gradient sign(x), i.e. 0 at x = 0 like TF's Abs (jnp.abs has gradient 1 at 0), so
+    # gamma is stationary when student == teacher.
+    return x * jax.lax.stop_gradient(jnp.sign(x))
 
 
 def _moments(x: jax.Array):
-  mean = jnp.mean(x, axis=-1)
-  var = jnp.mean(jnp.square(x - mean[..., None]), axis=-1)
-  return mean, var
+    mean = jnp.mean(x, axis=-1)
+    var = jnp.mean(jnp.square(x - mean[..., None]), axis=-1)
+    return mean, var
 
 
-def mean_transfer(teacher_hidden: jax.Array, student_hidden: jax.Array,
-                  attention_mask: jax.Array | None = None, *, mask_padding: bool = True) -> jax.Array:
-  """beta: mean over (batch, valid tokens) of (mean_d T - mean_d S)^2. Widths may differ."""
-  (tm, _), (sm, _) = _moments(teacher(teacher_hidden)), _moments(f32(student_hidden))
-  return masked_mean(jnp.square(tm - sm), _token_mask(attention_mask, mask_padding))
+def mean_transfer(
+    teacher_hidden: jax.Array,
+    student_hidden: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    mask_padding: bool = True,
+) -> jax.Array:
+    """beta: mean over (batch, valid tokens) of (mean_d T - mean_d S)^2. Widths may differ."""
+    (tm, _), (sm, _) = _moments(teacher(teacher_hidden)), _moments(f32(student_hidden))
+    return masked_mean(jnp.square(tm - sm), _token_mask(attention_mask, mask_padding))
 
 
-def variance_transfer(teacher_hidden: jax.Array, student_hidden: jax.Array,
-                      attention_mask: jax.Array | None = None, *,
-                      mask_padding: bool = True) -> jax.Array:
-  """gamma: mean over (batch, valid tokens) of |var_d T - var_d S| (population variances)."""
-  (_, tv), (_, sv) = _moments(teacher(teacher_hidden)), _moments(f32(student_hidden))
-  return masked_mean(_abs(tv - sv), _token_mask(attention_mask, mask_padding))
+def variance_transfer(
+    teacher_hidden: jax.Array,
+    student_hidden: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    mask_padding: bool = True,
+) -> jax.Array:
+    """gamma: mean over (batch, valid tokens) of |var_d T - var_d S| (population variances)."""
+    (_, tv), (_, sv) = _moments(teacher(teacher_hidden)), _moments(f32(student_hidden))
+    return masked_mean(_abs(tv - sv), _token_mask(attention_mask, mask_padding))
 
 
-def mean_transfer_official(teacher_hiddens: Sequence[jax.Array], student_hidden: jax.Array,
-                           attention_mask: jax.Array | None = None, *,
-                           mask_padding: bool = True) -> jax.Array:
-  """beta as the official TF1 code computes it (a bug kept for exact replication).
+def mean_transfer_official(
+    teacher_hiddens: Sequence[jax.Array],
+    student_hidden: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    mask_padding: bool = True,
+) -> jax.Array:
+    """beta as the official TF1 code computes it (a bug kept for exact replication).
 
-  The official code takes `reduce_mean(teacher_hiddens, -1)` of the whole *list* of teacher hidden
-  states (embedding output + every layer, L+1 entries), so the student layer's statistics are
-  broadcast against all of them: the result is the mean over j of `mean_transfer(T_j, S_k)` for
-  every teacher hidden state j passed in. Pass the full `hidden_states` tuple to replicate it.
-  """
-  return jnp.mean(jnp.stack([mean_transfer(t, student_hidden, attention_mask,
-                                           mask_padding=mask_padding) for t in teacher_hiddens]))
+    The official code takes `reduce_mean(teacher_hiddens, -1)` of the whole *list* of teacher hidden
+    states (embedding output + every layer, L+1 entries), so the student layer's statistics are
+    broadcast against all of them: the result is the mean over j of `mean_transfer(T_j, S_k)` for
+    every teacher hidden state j passed in. Pass the full `hidden_states` tuple to replicate it.
+    """
+    return jnp.mean(
+        jnp.stack(
+            [mean_transfer(t, student_hidden, attention_mask, mask_padding=mask_padding) for t in teacher_hiddens]
+        )
+    )
 
 
-def variance_transfer_official(teacher_hiddens: Sequence[jax.Array], student_hidden: jax.Array,
-                               attention_mask: jax.Array | None = None, *,
-                               mask_padding: bool = True) -> jax.Array:
-  """gamma with the official broadcast bug: mean over all teacher hidden states j (see beta)."""
-  return jnp.mean(jnp.stack([variance_transfer(t, student_hidden, attention_mask,
-                                               mask_padding=mask_padding)
-                             for t in teacher_hiddens]))
+def variance_transfer_official(
+    teacher_hiddens: Sequence[jax.Array],
+    student_hidden: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    mask_padding: bool = True,
+) -> jax.Array:
+    """gamma with the official broadcast bug: mean over all teacher hidden states j (see beta)."""
+    return jnp.mean(
+        jnp.stack(
+            [variance_transfer(t, student_hidden, attention_mask, mask_padding=mask_padding) for t in teacher_hiddens]
+        )
+    )
 
 
 def masked_log_softmax(scores: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
-  """float32 log-softmax over the last axis that tolerates -inf/finfo.min entries.
+    """float32 log-softmax over the last axis that tolerates -inf/finfo.min entries.
 
-  Scores are clamped at `MASK_FLOOR` (finite), and keys where `key_mask` (broadcastable) is 0 are
-  set to it, so masked keys get probability exactly 0 and finite log-probabilities.
-  """
-  x = jnp.maximum(f32(scores), MASK_FLOOR)
-  if key_mask is not None:
-    x = jnp.where(key_mask > 0, x, MASK_FLOOR)
-  return jax.nn.log_softmax(x, axis=-1)
+    Scores are clamped at `MASK_FLOOR` (finite), and keys where `key_mask` (broadcastable) is 0 are
+    set to it, so masked keys get probability exactly 0 and finite log-probabilities.
+    """
+    x = jnp.maximum(f32(scores), MASK_FLOOR)
+    if key_mask is not None:
+        x = jnp.where(key_mask > 0, x, MASK_FLOOR)
+    return jax.nn.log_softmax(x, axis=-1)
 
 
-def attention_transfer(teacher_scores: jax.Array, student_scores: jax.Array,
-                       attention_mask: jax.Array | None = None, *, mask_padding: bool = True,
-                       mask_keys: bool = True) -> jax.Array:
-  """AT: mean over (batch, heads, valid query rows) of KL(softmax(T) || softmax(S)) over keys.
+def attention_transfer(
+    teacher_scores: jax.Array,
+    student_scores: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    mask_padding: bool = True,
+    mask_keys: bool = True,
+) -> jax.Array:
+    """AT: mean over (batch, heads, valid query rows) of KL(softmax(T) || softmax(S)) over keys.
 
-  Inputs are pre-softmax scores [B, heads, S, S] (finfo.min / -inf masking is fine). With a mask,
-  `mask_keys` removes padded key columns from both distributions (they contribute 0 even in the
-  official "-6" masking form) and `mask_padding` leaves padded query rows out of the mean. The
-  official code uses cross-entropy over all rows instead: same gradient, value higher by H(T).
-  """
-  key_mask = None
-  if attention_mask is not None and mask_keys:
-    key_mask = f32(attention_mask)[:, None, None, :]
-  log_t = jax.lax.stop_gradient(masked_log_softmax(teacher_scores, key_mask))
-  log_s = masked_log_softmax(student_scores, key_mask)
-  kl_rows = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)  # [B, heads, S]
-  per_query = jnp.mean(kl_rows, axis=1)  # [B, S]
-  return masked_mean(per_query, _token_mask(attention_mask, mask_padding))
+    Inputs are pre-softmax scores [B, heads, S, S] (finfo.min / -inf masking is fine). With a mask,
+    `mask_keys` removes padded key columns from both distributions (they contribute 0 even in the
+    official "-6" masking form) and `mask_padding` leaves padded query rows out of the mean. The
+    official code uses cross-entropy over all rows instead: same gradient, value higher by H(T).
+    """
+    key_mask = None
+    if attention_mask is not None and mask_keys:
+        key_mask = f32(attention_mask)[:, None, None, :]
+    log_t = jax.lax.stop_gradient(masked_log_softmax(teacher_scores, key_mask))
+    log_s = masked_log_softmax(student_scores, key_mask)
+    kl_rows = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)  # [B, heads, S]
+    per_query = jnp.mean(kl_rows, axis=1)  # [B, S]
+    return masked_mean(per_query, _token_mask(attention_mask, mask_padding))
 
 
 def _layer_pairs(layers) -> list[tuple[int, int]]:
-  pairs = []
-  for item in layers:
-    if isinstance(item, (tuple, list)):
-      pairs.append((int(item[0]), int(item[1])))
-    else:
-      pairs.append((int(item), int(item)))
-  return pairs
-
-
-def layer_transfer_loss(teacher_out: Any, student_out: Any, layers: Sequence[int | tuple[int, int]],
-                        weights: Mapping[str, float] | None = None,
-                        attention_mask: jax.Array | None = None, *, normalize: bool = True,
-                        mask_padding: bool = True, mask_keys: bool = True,
-                        official_stats_bug: bool = False, ln_eps: float = DEFAULT_LN_EPS,
-                        layer_normalizer: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted MobileBERT transfer loss for a set of active layers; returns (total, terms).
-
-  `layers`: layer indices k (student k vs teacher k) or (teacher_k, student_k) pairs; layer k uses
-  `hidden_states[k + 1]` and `attention_scores[k]` of the EncoderOutput-like inputs.
-  `weights` (default fmt 100, at 1, beta 5000, gamma 5): terms with weight 0 are not computed.
-  Each term is summed over the layers and divided by `layer_normalizer` (default: number of active
-  layers, i.e. the mean). The official code divides by the total layer count L even when only one
-  layer's gate is on (progressive): pass `layer_normalizer=L` to replicate that scale.
-  `terms` holds the unweighted per-term values; total = sum(weights[k] * terms[k]).
-  `official_stats_bug=True` computes beta/gamma against all teacher hidden states (see
-  `mean_transfer_official`); for exact replication also pass `mask_padding=False`.
-  """
-  weights = dict(DEFAULT_TRANSFER_WEIGHTS if weights is None else weights)
-  unknown = set(weights) - set(DEFAULT_TRANSFER_WEIGHTS)
-  if unknown:
-    raise ValueError(f"layer_transfer_loss: unknown weight keys {sorted(unknown)}; "
-                     f"valid: {sorted(DEFAULT_TRANSFER_WEIGHTS)}")
-  pairs = _layer_pairs(layers)
-  if not pairs:
-    raise ValueError("layer_transfer_loss: `layers` is empty")
-  t_hidden, s_hidden = field(teacher_out, "hidden_states"), field(student_out, "hidden_states")
-  norm = float(layer_normalizer or len(pairs))
-  terms: dict[str, jax.Array] = {}
-  active = {k: float(w) for k, w in weights.items() if w != 0}
-  for name in active:
-    values = []
-    for tk, sk in pairs:
-      if name == "fmt":
-        values.append(feature_map_transfer(t_hidden[tk + 1], s_hidden[sk + 1], attention_mask,
-                                           normalize=normalize, mask_padding=mask_padding,
-                                           ln_eps=ln_eps))
-      elif name == "at":
-        values.append(attention_transfer(field(teacher_out, "attention_scores")[tk],
-                                         field(student_out, "attention_scores")[sk],
-                                         attention_mask, mask_padding=mask_padding,
-                                         mask_keys=mask_keys))
-      else:
-        if official_stats_bug:
-          fn = mean_transfer_official if name == "beta" else variance_transfer_official
-          values.append(fn(t_hidden, s_hidden[sk + 1], attention_mask, mask_padding=mask_padding))
+    pairs = []
+    for item in layers:
+        if isinstance(item, (tuple, list)):
+            pairs.append((int(item[0]), int(item[1])))
         else:
-          fn = mean_transfer if name == "beta" else variance_transfer
-          values.append(fn(t_hidden[tk + 1], s_hidden[sk + 1], attention_mask,
-                           mask_padding=mask_padding))
-    terms[name] = jnp.sum(jnp.stack(values)) / norm
-  total = sum((active[k] * v for k, v in terms.items()), jnp.zeros((), jnp.float32))
-  return total, terms
+            pairs.append((int(item), int(item)))
+    return pairs
+
+
+def layer_transfer_loss(
+    teacher_out: Any,
+    student_out: Any,
+    layers: Sequence[int | tuple[int, int]],
+    weights: Mapping[str, float] | None = None,
+    attention_mask: jax.Array | None = None,
+    *,
+    normalize: bool = True,
+    mask_padding: bool = True,
+    mask_keys: bool = True,
+    official_stats_bug: bool = False,
+    ln_eps: float = DEFAULT_LN_EPS,
+    layer_normalizer: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted MobileBERT transfer loss for a set of active layers; returns (total, terms).
+
+    `layers`: layer indices k (student k vs teacher k) or (teacher_k, student_k) pairs; layer k uses
+    `hidden_states[k + 1]` and `attention_scores[k]` of the EncoderOutput-like inputs.
+    `weights` (default fmt 100, at 1, beta 5000, gamma 5): terms with weight 0 are not computed.
+    Each term is summed over the layers and divided by `layer_normalizer` (default: number of active
+    layers, i.e. the mean). The official code divides by the total layer count L even when only one
+    layer's gate is on (progressive): pass `layer_normalizer=L` to replicate that scale.
+    `terms` holds the unweighted per-term values; total = sum(weights[k] * terms[k]).
+    `official_stats_bug=True` computes beta/gamma against all teacher hidden states (see
+    `mean_transfer_official`); for exact replication also pass `mask_padding=False`.
+    """
+    weights = dict(DEFAULT_TRANSFER_WEIGHTS if weights is None else weights)
+    unknown = set(weights) - set(DEFAULT_TRANSFER_WEIGHTS)
+    if unknown:
+        raise ValueError(
+            f"layer_transfer_loss: unknown weight keys {sorted(unknown)}; valid: {sorted(DEFAULT_TRANSFER_WEIGHTS)}"
+        )
+    pairs = _layer_pairs(layers)
+    if not pairs:
+        raise ValueError("layer_transfer_loss: `layers` is empty")
+    t_hidden, s_hidden = field(teacher_out, "hidden_states"), field(student_out, "hidden_states")
+    norm = float(layer_normalizer or len(pairs))
+    terms: dict[str, jax.Array] = {}
+    active = {k: float(w) for k, w in weights.items() if w != 0}
+    for name in active:
+        values = []
+        for tk, sk in pairs:
+            if name == "fmt":
+                values.append(
+                    feature_map_transfer(
+                        t_hidden[tk + 1],
+                        s_hidden[sk + 1],
+                        attention_mask,
+                        normalize=normalize,
+                        mask_padding=mask_padding,
+                        ln_eps=ln_eps,
+                    )
+                )
+            elif name == "at":
+                values.append(
+                    attention_transfer(
+                        field(teacher_out, "attention_scores")[tk],
+                        field(student_out, "attention_scores")[sk],
+                        attention_mask,
+                        mask_padding=mask_padding,
+                        mask_keys=mask_keys,
+                    )
+                )
+            else:
+                if official_stats_bug:
+                    fn = mean_transfer_official if name == "beta" else variance_transfer_official
+                    values.append(fn(t_hidden, s_hidden[sk + 1], attention_mask, mask_padding=mask_padding))
+                else:
+                    fn = mean_transfer if name == "beta" else variance_transfer
+                    values.append(fn(t_hidden[tk + 1], s_hidden[sk + 1], attention_mask, mask_padding=mask_padding))
+        terms[name] = jnp.sum(jnp.stack(values)) / norm
+    total = sum((active[k] * v for k, v in terms.items()), jnp.zeros((), jnp.float32))
+    return total, terms
