@@ -16,20 +16,20 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
 
-import numpy as np  # noqa: E402
-import tokenizers  # noqa: E402
+import numpy as np
+import tokenizers
 
-from mobiledistill.data import PretrainingConfig, PretrainingIterator, embedded_corpus, trained_tokenizer  # noqa: E402
-from mobiledistill.data.rotten_tomatoes import default_cache_dir  # noqa: E402
+from mobiledistill.data import PretrainingConfig, PretrainingIterator, embedded_corpus, trained_tokenizer
+from mobiledistill.data.rotten_tomatoes import default_cache_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,8 +56,14 @@ def throughput(corpus, tok, seq_len: int, examples: int, repeats: int, cache: in
     rates = []
     for r in range(repeats):
         it = PretrainingIterator(
-            corpus, tok, global_batch_size=batch, config=PretrainingConfig(max_seq_length=seq_len), seed=r,
-            process_index=0, process_count=1, document_cache_size=cache,
+            corpus,
+            tok,
+            global_batch_size=batch,
+            config=PretrainingConfig(max_seq_length=seq_len),
+            seed=r,
+            process_index=0,
+            process_count=1,
+            document_cache_size=cache,
         )
         if cache:  # the timed part then only cuts and masks
             it.warm_cache()
@@ -98,19 +104,32 @@ def main() -> None:
             regime: throughput(corpus, tok, seq_len, n, args.repeats, cache, args.batch)
             for regime, cache in (("tokenize_every_document", 0), ("cached_documents", 2 * len(corpus)))
         }
-        print(f"seq {seq_len}: " + ", ".join(
-            f"{k} {v['examples_per_s_median']:.0f} ex/s" for k, v in results[f"seq{seq_len}"].items()), flush=True)
+        print(
+            f"seq {seq_len}: "
+            + ", ".join(f"{k} {v['examples_per_s_median']:.0f} ex/s" for k, v in results[f"seq{seq_len}"].items()),
+            flush=True,
+        )
 
     report = {
         "benchmark": "input_pipeline",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
-        "corpus": {"name": corpus.name, "documents": len(corpus),
-                   "bytes": sum(len(d.encode("utf-8")) for d in corpus), "build_s": round(corpus_s, 2)},
+        "corpus": {
+            "name": corpus.name,
+            "documents": len(corpus),
+            "bytes": sum(len(d.encode("utf-8")) for d in corpus),
+            "build_s": round(corpus_s, 2),
+        },
         "tokenizer": {"vocab_size": tok.vocab_size, "source": tok.source, "load_or_train_s": round(vocab_s, 2)},
-        "settings": {"batch": args.batch, "repeats": args.repeats, "examples_128": args.examples,
-                     "examples_512": max(args.batch, args.examples // 3), "masked_lm_prob": 0.15,
-                     "short_seq_prob": 0.1, "whole_word_masking": False},
+        "settings": {
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "examples_128": args.examples,
+            "examples_512": max(args.batch, args.examples // 3),
+            "masked_lm_prob": 0.15,
+            "short_seq_prob": 0.1,
+            "whole_word_masking": False,
+        },
         "results": results,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

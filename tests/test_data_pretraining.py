@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from _data_helpers import corpus, tokenizer
+
 from mobiledistill.data import (
     DataError,
     ExampleBuilder,
@@ -161,7 +161,13 @@ def test_seq_512_uses_80_predictions():
 def test_sentence_splitting():
     text = 'First one. Second "quoted." Third?\nstill third! Fourth\n\nNew paragraph e.g. lower case.'
     sentences, cut = split_sentences(text)
-    assert sentences == ["First one.", 'Second "quoted."', "Third? still third!", "Fourth", "New paragraph e.g. lower case."]
+    assert sentences == [
+        "First one.",
+        'Second "quoted."',
+        "Third? still third!",
+        "Fourth",
+        "New paragraph e.g. lower case.",
+    ]
     assert cut == 0
     long, cut = split_sentences("word " * 1000, max_sentence_chars=500)
     assert cut == 1 and all(len(s) <= 500 for s in long) and sum(len(s.split()) for s in long) == 1000
@@ -171,8 +177,12 @@ def test_over_long_documents_are_split_and_counted():
     paragraph = "A sentence about nothing in particular. " * 30
     docs = [("\n\n".join([paragraph] * 10)), "A short document. It has two sentences."]
     it = PretrainingIterator(
-        InMemoryCorpus("long", docs), tokenizer(), global_batch_size=8,
-        config=PretrainingConfig(max_document_chars=2000), process_index=0, process_count=1,
+        InMemoryCorpus("long", docs),
+        tokenizer(),
+        global_batch_size=8,
+        config=PretrainingConfig(max_document_chars=2000),
+        process_index=0,
+        process_count=1,
     )
     for _ in range(20):
         it.next_numpy()
@@ -182,8 +192,11 @@ def test_over_long_documents_are_split_and_counted():
 
 def test_a_corpus_that_tokenises_to_nothing_is_a_clear_error():
     it = PretrainingIterator(
-        InMemoryCorpus("blank", ["\x00\x01", "\u200b"]), tokenizer(), global_batch_size=2,
-        process_index=0, process_count=1,
+        InMemoryCorpus("blank", ["\x00\x01", "\u200b"]),
+        tokenizer(),
+        global_batch_size=2,
+        process_index=0,
+        process_count=1,
     )
     with pytest.raises(DataError, match="no document .* gives an example"):
         it.next_numpy()
@@ -201,7 +214,12 @@ def test_config_is_validated():
 def test_the_stream_does_not_depend_on_the_document_cache():
     def run(cache):
         it = PretrainingIterator(
-            corpus(), tokenizer(), global_batch_size=50, seed=11, process_index=0, process_count=1,
+            corpus(),
+            tokenizer(),
+            global_batch_size=50,
+            seed=11,
+            process_index=0,
+            process_count=1,
             document_cache_size=cache,
         )
         if cache:  # every random-next segment then comes from cached tokens, not from freshly tokenised sentences

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-
 from _data_helpers import corpus, tokenizer
+
 from mobiledistill.data import (
     DataError,
     PretrainingIterator,
@@ -55,7 +55,9 @@ def test_empty_files_are_counted_and_an_empty_dataset_is_an_error(tmp_path):
 
 def test_jsonl_and_csv_records(tmp_path):
     jsonl = tmp_path / "d.jsonl"
-    jsonl.write_bytes(b'{"text": "First doc."}\nnot json\n{"text": ""}\n{"text": "Second \xff doc."}\n{"text": "Third."}\n')
+    jsonl.write_bytes(
+        b'{"text": "First doc."}\nnot json\n{"text": ""}\n{"text": "Second \xff doc."}\n{"text": "Third."}\n'
+    )
     c = record_files(str(jsonl))
     assert list(c) == ["First doc.", "Third."]
     assert c.report.as_dict() == {"empty_records": 1, "malformed_json_lines": 1, "undecodable_lines": 1}
@@ -110,9 +112,8 @@ def test_unknown_tfds_names_are_clear_errors():
 
 
 def test_empty_tfds_split_is_a_clear_error():
-    with tfds.testing.mock_data(num_examples=0):
-        with pytest.raises(DataError, match="is empty"):
-            TfdsCorpus("wikipedia/20230601.en", "train")
+    with tfds.testing.mock_data(num_examples=0), pytest.raises(DataError, match="is empty"):
+        TfdsCorpus("wikipedia/20230601.en", "train")
 
 
 def test_mixed_text_and_tfds_sources_stream():

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-
 from _data_helpers import tokenizer
+
 from mobiledistill.data import (
     GLUE_TASKS,
     ArrayIterator,
@@ -60,8 +60,9 @@ def test_stsb_labels_are_float_scores():
 
 def test_glue_local_files_with_label_names_ids_and_errors(tmp_path):
     tsv = tmp_path / "mnli.tsv"
-    tsv.write_text("premise\thypothesis\tlabel\tidx\nA \"man\" sleeps.\tSomeone sleeps.\tentailment\t7\n"
-                   "A dog.\tA cat.\t2\t8\n")
+    tsv.write_text(
+        "premise\thypothesis\tlabel\tidx\nA \"man\" sleeps.\tSomeone sleeps.\tentailment\t7\nA dog.\tA cat.\t2\t8\n"
+    )
     ex = load_glue_files("mnli", str(tsv))
     assert [e["label"] for e in ex] == [0, 2] and [e["idx"] for e in ex] == [7, 8]
     assert ex[0]["premise"] == 'A "man" sleeps.'
@@ -108,13 +109,36 @@ def _squad_json(tmp_path):
     start = CONTEXT.index("Denmark, Iceland and Norway", 300)
     data = {
         "version": "v2.0",
-        "data": [{"title": "Normans", "paragraphs": [{"context": CONTEXT, "qas": [
-            {"id": "q1", "question": "Where were the raiders from?", "is_impossible": False,
-             "answers": [{"text": "Denmark, Iceland and Norway", "answer_start": start}]},
-            {"id": "q2", "question": "What did the Normans build on the moon?", "is_impossible": True, "answers": []},
-            {"id": "q3", "question": "When? " * 40, "is_impossible": False,
-             "answers": [{"text": "10th and 11th centuries", "answer_start": CONTEXT.index("10th")}]},
-        ]}]}],
+        "data": [
+            {
+                "title": "Normans",
+                "paragraphs": [
+                    {
+                        "context": CONTEXT,
+                        "qas": [
+                            {
+                                "id": "q1",
+                                "question": "Where were the raiders from?",
+                                "is_impossible": False,
+                                "answers": [{"text": "Denmark, Iceland and Norway", "answer_start": start}],
+                            },
+                            {
+                                "id": "q2",
+                                "question": "What did the Normans build on the moon?",
+                                "is_impossible": True,
+                                "answers": [],
+                            },
+                            {
+                                "id": "q3",
+                                "question": "When? " * 40,
+                                "is_impossible": False,
+                                "answers": [{"text": "10th and 11th centuries", "answer_start": CONTEXT.index("10th")}],
+                            },
+                        ],
+                    }
+                ],
+            }
+        ],
     }
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(data))
@@ -187,7 +211,9 @@ def test_squad_from_tfds_mock_both_versions():
         assert all(isinstance(a, str) for e in examples for a in e.answers)
         f = squad_features(examples, tokenizer(), training=False, max_seq_length=48, doc_stride=8, max_query_length=12)
         assert len(f) >= 4 and f.offset_mapping.shape == (len(f), 48, 2)
-        it = ArrayIterator(f.arrays, 4, shuffle=False, drop_remainder=False, num_epochs=1, process_index=0, process_count=1)
+        it = ArrayIterator(
+            f.arrays, 4, shuffle=False, drop_remainder=False, num_epochs=1, process_index=0, process_count=1
+        )
         seen = np.concatenate([b["feature_index"][b["example_mask"] > 0] for b in it])
         assert sorted(seen.tolist()) == list(range(len(f)))
 
@@ -219,7 +245,11 @@ def test_split_by_group_keeps_groups_whole_and_is_seeded():
 
 def _pip_can_reach_pypi() -> str | None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "index", "versions", "scattertext"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "pip", "index", "versions", "scattertext"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
 

@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 import pytest
-
 from _data_helpers import VOCAB_SIZE, corpus, tokenizer, vocab_dir
+
 from mobiledistill.data import SPECIAL_TOKENS, DataError, load_tokenizer, load_vocab_file, trained_tokenizer
 
 
@@ -27,7 +27,7 @@ def test_cache_trained_with_other_settings_is_refused_not_overwritten():
 
 def test_vocab_without_mask_is_one_clear_line(tmp_path):
     path = tmp_path / "vocab.txt"
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "##s"]) + "\n")
+    path.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n##s\n")
     with pytest.raises(DataError) as info:
         load_tokenizer(str(path))
     msg = str(info.value)

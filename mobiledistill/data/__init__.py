@@ -34,17 +34,17 @@ from mobiledistill.data.tokenizer import (
 )
 
 __all__ = [
+    "GLUE_TASKS",
+    "MAX_PREDICTIONS_PER_SEQ",
+    "SPECIAL_TOKENS",
     "ArrayIterator",
     "Corpus",
     "DataError",
     "ExampleBuilder",
-    "GLUE_TASKS",
     "GlueTask",
     "InMemoryCorpus",
-    "MAX_PREDICTIONS_PER_SEQ",
     "PretrainingConfig",
     "PretrainingIterator",
-    "SPECIAL_TOKENS",
     "SkipReport",
     "SquadExample",
     "SquadFeatures",

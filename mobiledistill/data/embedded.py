@@ -20,8 +20,20 @@ import sys
 import sysconfig
 
 SKIPPED_PACKAGES = frozenset(
-    {"test", "tests", "idlelib", "tkinter", "turtledemo", "antigravity", "this", "__phello__", "site-packages",
-     "ensurepip", "lib2to3", "pydoc_data"}
+    {
+        "test",
+        "tests",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "antigravity",
+        "this",
+        "__phello__",
+        "site-packages",
+        "ensurepip",
+        "lib2to3",
+        "pydoc_data",
+    }
 )
 
 
@@ -66,7 +78,7 @@ def _builtin_module_docs() -> list[tuple[str, str]]:
     for name in sorted(sys.builtin_module_names):
         try:
             module = importlib.import_module(name)
-        except Exception:  # a builtin that refuses to import in this interpreter: nothing to read
+        except Exception:  # noqa: BLE001, S112 - a builtin that refuses to import here: nothing to read
             continue
         parts = [inspect.getdoc(module) or ""]
         for attr in sorted(vars(module)):

@@ -25,11 +25,14 @@ class SkipReport:
         self.examples: dict[str, str] = {}
 
     def add(self, reason: str, where: str = "", n: int = 1) -> None:
+        """Counts `n` skips for `reason`; the first of each reason is logged at once, the totals by `log()`."""
+        if reason not in self.counts:
+            log.warning("%s: %s%s (further ones are counted)", self.name, reason, f" at {where}" if where else "")
         self.counts[reason] += n
         if where and reason not in self.examples:
             self.examples[reason] = where
 
-    def merge(self, other: "SkipReport") -> None:
+    def merge(self, other: SkipReport) -> None:
         self.counts.update(other.counts)
         for k, v in other.examples.items():
             self.examples.setdefault(k, v)

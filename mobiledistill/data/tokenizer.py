@@ -160,7 +160,7 @@ def load_tokenizer(name_or_path: str, lowercase: bool | None = None) -> WordPiec
         if name_or_path.endswith(".json"):
             try:
                 backend = Tokenizer.from_file(name_or_path)
-            except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on malformed files
                 raise DataError(f"{name_or_path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
             return WordPiece(backend, source=name_or_path)
         return load_vocab_file(name_or_path, lowercase)
@@ -178,7 +178,7 @@ def _load_from_hub(name: str) -> WordPiece:
 
     try:
         hf = AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # network, missing repo, gated model: all end here
+    except Exception as e:  # noqa: BLE001 - network, missing repo, gated model: all end here
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(
             f"tokenizer {name!r} is not a local vocab.txt/tokenizer.json/directory and could not be loaded from the "
