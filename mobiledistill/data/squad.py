@@ -155,7 +155,7 @@ def _answer_span(ex: SquadExample, report: SkipReport) -> tuple[int, int] | None
 
 
 def _cut_questions(examples: Sequence[SquadExample], tokenizer: WordPiece, max_query_length: int, report) -> list[str]:
-    encodings = tokenizer.backend.encode_batch([ex.question for ex in examples], add_special_tokens=False)
+    encodings = tokenizer.plain.encode_batch([ex.question for ex in examples], add_special_tokens=False)
     out = []
     for ex, enc in zip(examples, encodings):
         if len(enc.ids) > max_query_length:

@@ -95,8 +95,8 @@ class WordPiece:
         return hashlib.sha256("\n".join(t for t, _ in ordered).encode("utf-8")).hexdigest()[:16]
 
     @functools.cached_property
-    def _plain_text_backend(self) -> Tokenizer:
-        # Corpus text that happens to contain "[MASK]" or "[SEP]" must stay text, not become a structural token.
+    def plain(self) -> Tokenizer:
+        """A copy of the backend without truncation or padding that reads "[MASK]", "[SEP]"... in text as text."""
         tok = Tokenizer.from_str(self.backend.to_str())
         tok.no_truncation()
         tok.no_padding()
@@ -107,7 +107,7 @@ class WordPiece:
         """Token ids (int32, no [CLS]/[SEP]) of each text; special-token strings in the text stay plain text."""
         if not texts:
             return []
-        encodings = self._plain_text_backend.encode_batch(texts, add_special_tokens=False)
+        encodings = self.plain.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     @functools.cached_property
