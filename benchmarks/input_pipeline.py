@@ -28,10 +28,12 @@ import time
 import numpy as np
 import tokenizers
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(HERE) not in sys.path:  # runnable from a checkout without installing
+    sys.path.insert(0, os.path.dirname(HERE))
+
 from mobiledistill.data import PretrainingConfig, PretrainingIterator, embedded_corpus, trained_tokenizer
 from mobiledistill.data.rotten_tomatoes import default_cache_dir
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def machine() -> dict:
