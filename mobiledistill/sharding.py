@@ -37,7 +37,8 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
         data = n // fsdp
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not equal the device count {n}")
-    return jax.make_mesh((data, fsdp), BATCH_AXES)
+    # Auto axes: XLA's sharding propagation places the activations; the code never annotates intermediates.
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -5,6 +5,7 @@ The embedding norm is not copied: a teacher's LayerNorm parameters do not map on
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 COPIED_FROM_TEACHER = (
@@ -30,7 +31,9 @@ def copy_from_teacher(student: nnx.State, teacher: nnx.State) -> nnx.State:
         what += [f"shape mismatch: {bad}"] if bad else []
         raise ValueError("cannot initialise the student from the teacher (embedding_size, hidden_size, vocab_size, "
                          "max_position_embeddings, type_vocab_size and trigram_input must match): " + "; ".join(what))
-    out = {p: (t_flat[p] if p in selected else v).get_value() for p, v in s_flat.items()}
+    # Copies, not references: the student's buffers are donated to the train step, the teacher's must survive.
+    out = {p: (jnp.array(t_flat[p].get_value(), copy=True) if p in selected else v.get_value())
+           for p, v in s_flat.items()}
     pure = {}
     for path, value in out.items():
         node = pure

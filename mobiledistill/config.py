@@ -1,0 +1,145 @@
+"""The pipeline configuration: defaults at paper scale, model configs from presets, and validation (SPEC §4, §12).
+
+Config files in `configs/` start from `pretraining_config()` and change what their experiment needs; every field can
+be overridden on the command line (`--config.pd.steps=1000`). Model fields left at None take the preset's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+
+from mobiledistill.models import EncoderConfig, preset
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(EncoderConfig) if f.name != "layer_plan")
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent configuration value."""
+
+
+def _model(preset_name: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"preset": preset_name, **{k: None for k in MODEL_FIELDS}})
+
+
+def pretraining_config() -> ml_collections.ConfigDict:
+    """Paper-scale MobileBERT: IB-BERT_LARGE teacher, MobileBERT student, 24 x 10k PKT steps, 500k PD steps, LAMB,
+    global batch 4096 at sequence length 128 (20 predictions per sequence)."""
+    c = ml_collections.ConfigDict()
+    c.strategy = "progressive"
+    c.seed = 0
+    c.dtype = "float32"  # compute dtype of both models ('bfloat16' on TPU/GPU); parameters stay float32
+    c.teacher = _model("ib_bert_large")
+    # 'pretrain' (a teacher stage in this pipeline) or 'hf:<dir>' (a transformers checkpoint directory).
+    c.teacher.source = "pretrain"
+    c.teacher.steps = 500_000
+    c.teacher.lr = 1.5e-3
+    c.teacher.warmup_steps = 10_000
+    c.teacher.end_lr_ratio = 0.0
+    c.teacher.bias_correction = True
+    c.student = _model("mobilebert")
+
+    c.data = ml_collections.ConfigDict()
+    # 'embedded' (the Python docs, offline), 'tfds:<name>[:<split>]', 'files:<glob>' (text), 'jsonl:<glob>', 'csv:<glob>'.
+    c.data.source = "tfds:wikipedia/20230601.en"
+    c.data.text_field = "text"
+    # 'train' (WordPiece trained on the corpus, cached in the workdir), a vocab.txt path, or a Hub name.
+    c.data.vocab = "bert-base-uncased"
+    c.data.vocab_size = 30522
+    c.data.max_seq_length = 128
+    c.data.max_predictions_per_seq = 20
+    c.data.whole_word_masking = False
+    c.data.heldout_every = 100  # every n-th document is held out for evaluation
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch = 4096
+    c.train.accumulation_steps = 1  # micro-batches per step: global_batch / accumulation_steps runs at once
+    c.train.log_every = 100
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 2
+    c.train.eval_batches = 20
+    c.train.nonfinite = "stop"  # 'stop': end the stage keeping the last good checkpoint; 'skip': skip the update
+
+    c.pkt = ml_collections.ConfigDict()
+    c.pkt.steps_per_layer = 10_000
+    c.pkt.lr = 1.5e-3
+    c.pkt.warmup_steps = 500
+    c.pkt.lower_layer_scale = 0.1
+    c.pkt.weights = ml_collections.ConfigDict(dict(fmt=100.0, at=1.0, beta=5000.0, gamma=5.0))
+    c.pkt.mask_padding = True
+    c.pkt.official_stats_bug = False
+    c.pkt.bias_correction = True
+
+    c.pd = ml_collections.ConfigDict()
+    c.pd.steps = 500_000
+    c.pd.lr = 1.5e-3
+    c.pd.warmup_steps = 10_000
+    c.pd.end_lr_ratio = 1e-4
+    c.pd.alpha = 0.5
+    c.pd.temperature = 1.0
+    c.pd.bias_correction = True
+
+    c.scratch_baseline = False
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    return c
+
+
+def model_config(section: ml_collections.ConfigDict, dtype: str) -> EncoderConfig:
+    """The EncoderConfig of a teacher/student section: its preset plus every non-None field."""
+    overrides = {k: section[k] for k in MODEL_FIELDS if section.get(k) is not None}
+    overrides.setdefault("dtype", dtype)
+    try:
+        return preset(section.preset, **overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate(c: ml_collections.ConfigDict, teacher: EncoderConfig, student: EncoderConfig,
+             num_devices: int | None = None) -> None:
+    """Checks what no single field can: divisibility, depth relations, vocab agreement, sources."""
+    def bad(msg):
+        raise ConfigError(msg)
+
+    n = jax.device_count() if num_devices is None else num_devices
+    t = c.train
+    if t.global_batch < 1 or t.accumulation_steps < 1:
+        bad(f"train.global_batch={t.global_batch} and train.accumulation_steps={t.accumulation_steps} must be >= 1")
+    if t.global_batch % t.accumulation_steps:
+        bad(f"train.global_batch={t.global_batch} is not divisible by train.accumulation_steps="
+            f"{t.accumulation_steps}")
+    micro = t.global_batch // t.accumulation_steps
+    if micro % n:
+        bad(f"train.global_batch / accumulation_steps = {micro} sequences per micro-batch is not divisible by the "
+            f"{n} devices; choose a global_batch that is a multiple of {n * t.accumulation_steps}")
+    if t.nonfinite not in ("stop", "skip"):
+        bad(f"train.nonfinite={t.nonfinite!r}; valid: 'stop', 'skip'")
+    for name in ("log_every", "checkpoint_every", "eval_batches"):
+        if t[name] < 1:
+            bad(f"train.{name}={t[name]} must be >= 1")
+    if c.strategy in ("progressive", "joint", "auxiliary"):
+        if student.num_hidden_layers > teacher.num_hidden_layers:
+            bad(f"student.num_hidden_layers={student.num_hidden_layers} exceeds the teacher's "
+                f"{teacher.num_hidden_layers}: layer-wise transfer needs a student no deeper than its teacher")
+        if student.hidden_size != teacher.hidden_size:
+            bad(f"student.hidden_size={student.hidden_size} != teacher.hidden_size={teacher.hidden_size}: "
+                f"feature-map transfer compares the feature maps directly")
+        if student.num_attention_heads != teacher.num_attention_heads:
+            bad(f"student.num_attention_heads={student.num_attention_heads} != teacher's "
+                f"{teacher.num_attention_heads}: attention transfer compares per-head distributions")
+    if student.vocab_size != teacher.vocab_size:
+        bad(f"student.vocab_size={student.vocab_size} != teacher.vocab_size={teacher.vocab_size}")
+    if c.data.max_seq_length > min(student.max_position_embeddings, teacher.max_position_embeddings):
+        bad(f"data.max_seq_length={c.data.max_seq_length} exceeds max_position_embeddings")
+    if not (c.teacher.source == "pretrain" or c.teacher.source.startswith("hf:")):
+        bad(f"teacher.source={c.teacher.source!r}; valid: 'pretrain' or 'hf:<transformers checkpoint dir>'")
+    for section in ("pkt", "pd"):
+        if c[section].lr <= 0:
+            bad(f"{section}.lr={c[section].lr} must be > 0")
+    if not 0.0 <= c.pd.alpha <= 1.0:
+        bad(f"pd.alpha={c.pd.alpha}; valid: 0 <= alpha <= 1")
+    if c.pkt.lower_layer_scale < 0:
+        bad(f"pkt.lower_layer_scale={c.pkt.lower_layer_scale} must be >= 0 (0 = hard freeze)")
+    if c.data.heldout_every < 2:
+        bad(f"data.heldout_every={c.data.heldout_every} must be >= 2")

@@ -1,0 +1,69 @@
+"""Entry point: `python -m mobiledistill.main --config=configs/progressive.py[:variant] --workdir=DIR`.
+
+Re-running the same command resumes: finished stages are skipped and the interrupted one continues from its last
+checkpoint. `--dry_run` prints the stage plan, sizes, FLOPs and a memory estimate without training.
+Exit codes: 0 done, 2 bad input (one line saying what and what is valid), 3 preempted by SIGTERM (re-run to continue).
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mobiledistill import pipeline, sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/progressive.py:local.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where stages keep checkpoints, metrics and the report (local or "
+                               "gs://).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan, parameter counts, FLOPs and memory; do not train.")
+_DEVICES = flags.DEFINE_integer("devices", None, "With --dry_run: plan for this many devices (default: this "
+                                "machine's).")
+_ALLOW = flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose recorded config differs.")
+
+
+def _fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; options are --config, --workdir, --dry_run, --devices, "
+              f"--allow_config_change and --config.<field>=<value>")
+    from mobiledistill.checkpoint import CheckpointError
+    from mobiledistill.config import ConfigError
+    from mobiledistill.convert import ConversionError
+    from mobiledistill.data.errors import DataError
+    from mobiledistill.train import NonFiniteLoss, Preempted
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    c = _CONFIG.value
+    if c is None:
+        _fail("--config is required, e.g. --config=configs/progressive.py:local")
+    try:
+        if _DRY_RUN.value:
+            import jax
+            devices = _DEVICES.value or jax.device_count()
+            teacher, student, stages = pipeline.plan(c, devices)
+            print(pipeline.describe(c, teacher, student, stages, devices))
+            return
+        if not _WORKDIR.value:
+            _fail("--workdir is required (a local directory or gs://bucket/path)")
+        sharding.initialize_distributed()
+        pipeline.run(c, _WORKDIR.value, allow_config_change=_ALLOW.value)
+    except Preempted as e:
+        _fail(str(e), code=3)
+    except (ConfigError, DataError, CheckpointError, ConversionError, NonFiniteLoss) as e:
+        _fail(str(e))
+
+
+def run():
+    try:
+        app.run(main)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # config override errors raised while parsing
+        _fail(f"bad configuration: {e}")
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,81 @@
+"""FLOPs per step, peak FLOP/s and MFU (SPEC §9), and a per-device memory estimate for the dry run.
+
+MFU = analytic model FLOPs per step / (step time x peak FLOP/s). Training FLOPs are 3 x the forward FLOPs of the
+trained model (forward + backward); the frozen teacher's forward is counted separately, so both `mfu_student`
+and `mfu_total` are reported.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from mobiledistill.models import EncoderConfig, forward_flops
+from mobiledistill.strategies.stage import Stage
+
+HEAD_LOSSES = ("mlm", "mlm_distill", "nsp")
+# Dense bf16 datasheet rates per JAX device (a TPU v3 chip has two devices, 123 TFLOP/s per chip).
+DATASHEET_PEAK = {"TPU v3": 61.5e12, "TPU v4": 137.5e12, "TPU v5 lite": 197e12, "TPU v5": 229.5e12,
+                  "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def uses_heads(stage: Stage) -> bool:
+    return any(spec.get("loss", name) in HEAD_LOSSES for name, spec in stage.losses.items())
+
+
+def stage_flops(stage: Stage, trained: EncoderConfig, teacher: EncoderConfig | None, seq_len: int,
+                predictions: int) -> tuple[float, float]:
+    """(trained-model FLOPs, teacher forward FLOPs) per sequence for one step of `stage`."""
+    heads = uses_heads(stage)
+    kw = dict(mlm_positions=predictions if heads else 0, nsp=heads, pooler=heads)
+    student = 3.0 * forward_flops(trained, seq_len, num_layers=stage.num_layers, **kw)
+    teacher_flops = 0.0
+    if stage.teacher_from is not None and teacher is not None:
+        teacher_flops = float(forward_flops(teacher, seq_len, num_layers=stage.teacher_num_layers, **kw))
+    return student, teacher_flops
+
+
+def measured_matmul_peak(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul on the default device, median of `repeats` (the CPU's practical peak)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2.0 * n ** 3 / sorted(times)[len(times) // 2]
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in DATASHEET_PEAK.items():
+        if name.lower() in kind.lower():
+            return peak, f"datasheet {name} bf16"
+    return measured_matmul_peak(), f"measured {jax.devices()[0].platform} f32 matmul"
+
+
+def memory_estimate(stage: Stage, trained: EncoderConfig, teacher: EncoderConfig | None, trained_params: int,
+                    trainable_params: int, teacher_params: int, micro_batch_per_device: int, seq_len: int,
+                    fsdp: int) -> dict[str, float]:
+    """A rough per-device estimate in GiB: parameters (f32), gradients + two optimizer moments for trainable ones
+    (split over 'fsdp'), the teacher's parameters, and the activations kept for the backward pass."""
+    gib = 1024.0 ** 3
+    act_bytes = 2 if trained.dtype == "bfloat16" else 4
+    layers = stage.num_layers or len(trained.plan)
+    per_token = (4 * trained.hidden_size + 8 * trained.true_hidden_size
+                 + 2 * trained.num_feedforward_networks * trained.intermediate_size)
+    attention = 3 * trained.num_attention_heads * seq_len
+    activations = layers * micro_batch_per_device * seq_len * (per_token * act_bytes + attention * 4)
+    out = {
+        "params": 4 * trained_params / fsdp / gib,
+        "grads_and_optimizer": 12 * trainable_params / fsdp / gib,
+        "teacher_params": (4 * teacher_params / fsdp / gib) if stage.teacher_from else 0.0,
+        "activations": activations / gib,
+    }
+    out["total"] = sum(out.values())
+    return out

@@ -1,0 +1,244 @@
+"""The generic stage runner: parameters on the mesh, the jitted step, the loop, checkpoints, preemption, evaluation.
+
+Resuming is exact: the step's dropout key is derived from (seed, stage, step), and the data iterator's position is
+saved in every checkpoint, so a run killed at any point and re-run produces the same parameters as one that was not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import time
+import zlib
+from typing import Any
+
+import jax
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh
+
+from mobiledistill import checkpoint as ckpt
+from mobiledistill import convert, perf, sharding, steps
+from mobiledistill.data import PretrainingConfig, PretrainingIterator
+from mobiledistill.metrics import StageMetrics
+from mobiledistill.models import EncoderConfig, PreTrainingModel
+from mobiledistill.strategies import Stage, copy_from_teacher
+
+# Fault injection for the resume tests: MOBILEDISTILL_FAULT=kill:<stage>:<step> SIGKILLs the process after that step.
+FAULT_ENV = "MOBILEDISTILL_FAULT"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradients became NaN/Inf; the stage stops and its last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM: the current step was checkpointed; re-running the same command continues."""
+
+
+class SigtermFlag:
+    """Installed while a pipeline runs: SIGTERM sets a flag that the loop checks after every step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What every stage of a pipeline shares."""
+
+    workdir: epath.Path
+    config: Any  # ml_collections.ConfigDict
+    mesh: Mesh
+    teacher_cfg: EncoderConfig
+    student_cfg: EncoderConfig
+    tokenizer: Any
+    train_corpus: Any
+    heldout_corpus: Any
+    peak_flops: float
+    sigterm: SigtermFlag
+    _teacher_cache: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def data_config(self) -> PretrainingConfig:
+        d = self.config.data
+        return PretrainingConfig(max_seq_length=d.max_seq_length, max_predictions_per_seq=d.max_predictions_per_seq,
+                                 whole_word_masking=d.whole_word_masking)
+
+    def stage_seed(self, stage: Stage) -> int:
+        return (self.config.seed * 1_000_003 + zlib.crc32(stage.name.encode())) % (2 ** 31)
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_model(cfg: EncoderConfig):
+    """(graphdef, abstract parameter state) without allocating (cached: callers must not mutate it)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: PreTrainingModel(cfg, nnx.Rngs(0))))
+    return graphdef, state
+
+
+def init_params(cfg: EncoderConfig, seed: int, shardings):
+    """Random parameters created directly on the mesh."""
+    return jax.jit(lambda: nnx.state(PreTrainingModel(cfg, nnx.Rngs(seed)), nnx.Param),
+                   out_shardings=shardings)()
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load_teacher(ctx: RunContext, source: str):
+    """(graphdef, parameters on the mesh) of the frozen teacher: a finished stage of this pipeline or 'hf:<dir>'."""
+    if source in ctx._teacher_cache:
+        return ctx._teacher_cache[source]
+    graphdef, abstract = abstract_model(ctx.teacher_cfg)
+    shardings = sharding.tree_shardings(abstract, ctx.mesh)
+    if source.startswith("hf:"):
+        model = convert.load_hf(source[3:], pretraining=True, dtype=ctx.teacher_cfg.dtype)
+        if model.encoder.cfg.replace(dtype=ctx.teacher_cfg.dtype) != ctx.teacher_cfg:
+            raise convert.ConversionError(f"teacher checkpoint {source[3:]} does not match the configured teacher "
+                                          f"model; set teacher.preset/fields to its config.json")
+        params = jax.device_put(nnx.state(model, nnx.Param), shardings)
+    else:
+        params = ckpt.restore_final_params(ctx.workdir / source, _with_shardings(abstract, shardings))
+        params = _as_state(abstract, params)
+    ctx._teacher_cache[source] = (graphdef, params)
+    return graphdef, params
+
+
+def _as_state(abstract: nnx.State, pure) -> nnx.State:
+    """Orbax restores plain nested dicts; put them back into the model's State structure."""
+    if isinstance(pure, nnx.State):
+        return pure
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def initial_params(ctx: RunContext, stage: Stage, cfg: EncoderConfig, abstract, shardings):
+    if stage.init == "previous":
+        restored = ckpt.restore_final_params(ctx.workdir / stage.init_from, _with_shardings(abstract, shardings))
+        return _as_state(abstract, restored)
+    params = init_params(cfg, ctx.stage_seed(stage), shardings)
+    if stage.init == "teacher_copy":
+        _, teacher = load_teacher(ctx, stage.teacher_from)
+        params = jax.device_put(copy_from_teacher(params, teacher), shardings)
+    return params
+
+
+def _finite(metrics: dict) -> bool:
+    return all(math.isfinite(float(v)) for k, v in metrics.items())
+
+
+def evaluate_mlm(ctx: RunContext, stage: Stage, graphdef, params, teacher) -> dict[str, float]:
+    """Held-out MLM accuracy and the stage's losses over `train.eval_batches` fixed held-out batches."""
+    teacher_graphdef, teacher_params = teacher
+    eval_step = jax.jit(steps.make_eval_step(stage, graphdef, teacher_graphdef))
+    it = PretrainingIterator(ctx.heldout_corpus, ctx.tokenizer, global_batch_size=ctx.config.train.global_batch,
+                             config=ctx.data_config, seed=12345, sharding=sharding.batch_sharding(ctx.mesh))
+    totals: dict[str, float] = {}
+    n = ctx.config.train.eval_batches
+    for _ in range(n):
+        m = jax.device_get(eval_step(params, teacher_params, next(it)))
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    out = {f"eval_{k}": v / n for k, v in totals.items() if k not in ("mlm_correct", "mlm_count")}
+    out["eval_mlm_accuracy"] = totals["mlm_correct"] / max(totals["mlm_count"], 1.0)
+    return out
+
+
+def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dict:
+    """Trains one stage to completion (resuming from its latest checkpoint) and returns its summary."""
+    c = ctx.config
+    stage_dir = ctx.workdir / stage.name
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    label = f"[{index + 1}/{num_stages} {stage.name}]"
+    cfg = ctx.teacher_cfg if stage.trains == "teacher" else ctx.student_cfg
+    graphdef, abstract = abstract_model(cfg)
+    p_shard = sharding.tree_shardings(abstract, ctx.mesh)
+    teacher = load_teacher(ctx, stage.teacher_from) if stage.teacher_from else (None, None)
+    if c.train.nonfinite == "skip":
+        stage = dataclasses.replace(stage, optimizer=dataclasses.replace(stage.optimizer, skip_nonfinite=True))
+
+    tx, step_fn = steps.make_train_step(stage, graphdef, abstract, teacher[0], c.train.accumulation_steps)
+    o_shard = sharding.tree_shardings(jax.eval_shape(tx.init, abstract), ctx.mesh)
+    jit_step = jax.jit(step_fn, out_shardings=(p_shard, o_shard, sharding.replicated(ctx.mesh)),
+                       donate_argnums=(0, 1))
+
+    checkpoints = ckpt.StageCheckpoints(stage_dir, max_to_keep=c.train.keep_checkpoints)
+    data = PretrainingIterator(ctx.train_corpus, ctx.tokenizer, global_batch_size=c.train.global_batch,
+                               config=ctx.data_config, seed=ctx.stage_seed(stage),
+                               sharding=sharding.batch_sharding(ctx.mesh))
+    start = checkpoints.latest_step()
+    if start is not None:
+        like_p = _with_shardings(abstract, p_shard)
+        like_o = _with_shardings(jax.eval_shape(tx.init, abstract), o_shard)
+        params, opt_state, data_state = checkpoints.restore(start, like_p, like_o)
+        params = _as_state(abstract, params)
+        data.set_state(data_state)
+    else:
+        start = 0
+        params = initial_params(ctx, stage, cfg, abstract, p_shard)
+        opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+
+    seq, preds = c.data.max_seq_length, ctx.data_config.max_predictions
+    flops = perf.stage_flops(stage, cfg, ctx.teacher_cfg if stage.teacher_from else None, seq, preds)
+    n_dev = jax.device_count()
+    log = StageMetrics(stage_dir, stage.name, stage.steps, start, label, c.train.global_batch * seq,
+                       (flops[0] * c.train.global_batch / n_dev, flops[1] * c.train.global_batch / n_dev),
+                       ctx.peak_flops)
+    log.event(f"{'resuming at step ' + str(start) if start else 'starting'}: {stage.steps} steps, trains "
+              f"{stage.trains}, losses {sorted(stage.losses)}")
+    base_key = jax.random.key(ctx.stage_seed(stage))
+    fault = os.environ.get(FAULT_ENV, "")
+    last_good = start
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, stage.steps):
+            batch = next(data)
+            params, opt_state, metrics = jit_step(params, opt_state, teacher[1], batch,
+                                                  jax.random.fold_in(base_key, step))
+            done = step + 1
+            is_ckpt = done % c.train.checkpoint_every == 0 and done < stage.steps
+            if done % c.train.log_every == 0 or done == stage.steps or is_ckpt or ctx.sigterm.raised:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not _finite(host) and c.train.nonfinite == "stop":
+                    raise NonFiniteLoss(f"stage {stage.name}: non-finite loss/gradients at step {done} ({host}); "
+                                        f"kept the last good checkpoint (step {last_good}); lower the learning "
+                                        f"rate or set --config.train.nonfinite=skip")
+                log.log(done, host)
+            if is_ckpt or ctx.sigterm.raised:
+                checkpoints.save(done, params, opt_state, data.get_state())
+                last_good = done
+            if ctx.sigterm.raised:
+                checkpoints.wait()
+                raise Preempted(f"SIGTERM: stage {stage.name} checkpointed at step {done}; re-run the same command "
+                                f"to continue")
+            if fault == f"kill:{stage.name}:{done}":
+                checkpoints.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+        checkpoints.save(stage.steps, params, opt_state, data.get_state())
+        checkpoints.wait()
+        summary = {"stage": stage.name, "final_step": stage.steps, "seconds": time.perf_counter() - t0}
+        if stage.eval == "mlm":
+            summary.update(evaluate_mlm(ctx, stage, graphdef, params, teacher))
+            log.event("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("eval_")))
+        checkpoints.mark_done(summary)
+        return summary
+    finally:
+        checkpoints.close()
+        log.close()
+
