@@ -31,9 +31,9 @@ def local(c):
                  max_position_embeddings=128)
     c.teacher.update(small, intra_bottleneck_size=128, intermediate_size=256)
     c.student.update(small, intra_bottleneck_size=32, intermediate_size=64, num_feedforward_networks=2)
-    c.teacher.steps, c.teacher.warmup_steps, c.teacher.lr = 800, 80, 2e-3
-    c.pkt.steps_per_layer, c.pkt.warmup_steps = 60, 6
-    c.pd.steps, c.pd.warmup_steps, c.pd.lr = 400, 40, 2e-3
+    c.teacher.steps, c.teacher.warmup_steps, c.teacher.lr = 800, 80, 1e-2
+    c.pkt.steps_per_layer, c.pkt.warmup_steps, c.pkt.lr = 60, 6, 1e-2
+    c.pd.steps, c.pd.warmup_steps, c.pd.lr = 400, 40, 1e-2
     c.train.global_batch = 32
     c.train.log_every = 50
     c.train.checkpoint_every = 100

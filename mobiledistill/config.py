@@ -10,18 +10,26 @@ import dataclasses
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 
 from mobiledistill.models import EncoderConfig, preset
 
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(EncoderConfig) if f.name != "layer_plan")
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(EncoderConfig) if f.name not in ("layer_plan", "dtype"))
 
 
 class ConfigError(ValueError):
     """An impossible or inconsistent configuration value."""
 
 
+def _field_type(name: str):
+    default = EncoderConfig.__dataclass_fields__[name].default
+    return str if name == "attention_mask_value" else type(default)
+
+
 def _model(preset_name: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"preset": preset_name, **{k: None for k in MODEL_FIELDS}})
+    """A model section: the preset's name plus typed, unset (None) fields that override the preset when set."""
+    return ml_collections.ConfigDict({"preset": preset_name,
+                                      **{k: config_dict.placeholder(_field_type(k)) for k in MODEL_FIELDS}})
 
 
 def pretraining_config() -> ml_collections.ConfigDict:
@@ -89,7 +97,13 @@ def pretraining_config() -> ml_collections.ConfigDict:
 def model_config(section: ml_collections.ConfigDict, dtype: str) -> EncoderConfig:
     """The EncoderConfig of a teacher/student section: its preset plus every non-None field."""
     overrides = {k: section[k] for k in MODEL_FIELDS if section.get(k) is not None}
-    overrides.setdefault("dtype", dtype)
+    if "attention_mask_value" in overrides and overrides["attention_mask_value"] != "min":
+        try:
+            overrides["attention_mask_value"] = float(overrides["attention_mask_value"])
+        except ValueError:
+            raise ConfigError(f"attention_mask_value={overrides['attention_mask_value']!r}; valid: 'min' or a "
+                              f"number such as -6") from None
+    overrides["dtype"] = dtype
     try:
         return preset(section.preset, **overrides)
     except ValueError as e:
@@ -102,6 +116,9 @@ def validate(c: ml_collections.ConfigDict, teacher: EncoderConfig, student: Enco
     def bad(msg):
         raise ConfigError(msg)
 
+    from mobiledistill.strategies.mobilebert import STRATEGIES
+    if c.strategy not in STRATEGIES:
+        bad(f"strategy={c.strategy!r}; valid: {', '.join(STRATEGIES)}")
     n = jax.device_count() if num_devices is None else num_devices
     t = c.train
     if t.global_batch < 1 or t.accumulation_steps < 1:

@@ -54,15 +54,30 @@ def main(argv):
         pipeline.run(c, _WORKDIR.value, allow_config_change=_ALLOW.value)
     except Preempted as e:
         _fail(str(e), code=3)
-    except (ConfigError, DataError, CheckpointError, ConversionError, NonFiniteLoss) as e:
+    except (ConfigError, DataError, CheckpointError, ConversionError, NonFiniteLoss, ValueError) as e:
         _fail(str(e))
 
 
-def run():
+def _parse(argv):
+    """Parses flags, turning config-file and override errors into one line (absl would print a usage banner)."""
     try:
-        app.run(main)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:  # config override errors raised while parsing
-        _fail(f"bad configuration: {e}")
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, ValueError, TypeError, AttributeError) as e:
+        cause = e if isinstance(e, KeyError) else (e.__cause__ or e.__context__)
+        if isinstance(cause, KeyError):
+            key = str(cause.args[0] if cause.args else "?").strip("'\"")
+            bad = [a for a in argv if a.startswith("--config.") and f".{key}=" in a + "="]
+            _fail(f"unknown config key {key!r} in {' '.join(bad) or ' '.join(argv[1:])}; the valid keys are in "
+                  f"the config file and mobiledistill/config.py")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        message = lines[-1] if "Traceback" in str(e) else " ".join(lines)  # a config file raised: keep its error
+        _fail(f"bad command line or config: {message}")
+
+
+def run():
+    argv = _parse(sys.argv)
+    logging.use_absl_handler()
+    main(argv)
 
 
 if __name__ == "__main__":
