@@ -52,11 +52,11 @@ def write_report(workdir: epath.Path, stages: Sequence, summaries: Mapping[str, 
     (workdir / "plots").mkdir(parents=True, exist_ok=True)
     lines = [header, ""]
     if comparison:
-        lines += ["## Held-out masked-LM accuracy", "", "| model | stage | MLM accuracy | MLM loss |", "|---|---|---|---|"]
+        lines += ["## Held-out masked-LM accuracy", "", "| model | stage | MLM accuracy | MLM NLL |", "|---|---|---|---|"]
         for label, stage in comparison:
             s = summaries.get(stage, {})
             acc = s.get("eval_mlm_accuracy")
-            loss = s.get("eval_mlm", s.get("eval_mlm_distill"))
+            loss = s.get("eval_mlm_nll", float("nan"))
             lines.append(f"| {label} | `{stage}` | {acc * 100:.2f}% | {loss:.4f} |" if acc is not None
                          else f"| {label} | `{stage}` | – | – |")
         lines.append("")

@@ -99,7 +99,13 @@ def make_eval_step(stage: Stage, graphdef, teacher_graphdef=None) -> Callable:
 
 
 def mlm_metrics(mlm_logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-    """Sums (not means), so batches can be added up exactly: correct predictions and predicted positions."""
+    """Sums (not means), so batches add up exactly: correct predictions, negative log-likelihood, predicted positions.
+
+    The plain MLM NLL makes models trained with different losses (MLM, distillation) comparable.
+    """
     w = batch["masked_lm_weights"].astype(jnp.float32)
-    correct = (jnp.argmax(mlm_logits, -1) == batch["masked_lm_ids"]).astype(jnp.float32)
-    return dict(mlm_correct=jnp.sum(correct * w), mlm_count=jnp.sum(w))
+    ids = batch["masked_lm_ids"]
+    correct = (jnp.argmax(mlm_logits, -1) == ids).astype(jnp.float32)
+    logp = jax.nn.log_softmax(mlm_logits.astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(logp, ids[..., None].astype(jnp.int32), -1)[..., 0]
+    return dict(mlm_correct=jnp.sum(correct * w), mlm_nll=jnp.sum(nll * w), mlm_count=jnp.sum(w))

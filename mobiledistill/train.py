@@ -155,8 +155,9 @@ def evaluate_mlm(ctx: RunContext, stage: Stage, graphdef, params, teacher) -> di
         m = jax.device_get(eval_step(params, teacher_params, next(it)))
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    out = {f"eval_{k}": v / n for k, v in totals.items() if k not in ("mlm_correct", "mlm_count")}
+    out = {f"eval_{k}": v / n for k, v in totals.items() if k not in ("mlm_correct", "mlm_nll", "mlm_count")}
     out["eval_mlm_accuracy"] = totals["mlm_correct"] / max(totals["mlm_count"], 1.0)
+    out["eval_mlm_nll"] = totals["mlm_nll"] / max(totals["mlm_count"], 1.0)
     return out
 
 

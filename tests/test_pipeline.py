@@ -28,8 +28,8 @@ def vocab(tmp_path_factory):
     return str(path)
 
 
-def tiny(vocab, *extra):
-    return ["--config=configs/progressive.py:local",
+def tiny(vocab, *extra, config="configs/progressive.py:local"):
+    return [f"--config={config}",
             "--config.teacher.num_hidden_layers=2", "--config.student.num_hidden_layers=2",
             "--config.teacher.steps=12", "--config.teacher.warmup_steps=2",
             "--config.pkt.steps_per_layer=8", "--config.pkt.warmup_steps=1",
@@ -134,9 +134,7 @@ def test_sigterm_saves_the_current_step_and_a_rerun_continues(vocab, tmp_path):
 
 
 def test_one_and_eight_devices_give_the_same_losses(vocab, tmp_path):
-    args = tiny(vocab, "--config=configs/teacher.py:local", "--config.teacher.steps=3",
-                "--config.train.log_every=1")
-    args = [a for a in args if a != "--config=configs/progressive.py:local"]
+    args = tiny(vocab, "--config.teacher.steps=3", "--config.train.log_every=1", config="configs/teacher.py:local")
     runs = {"1": ([], 1), "data8": (["--config.mesh.data=8"], 8),
             "data4_fsdp2": (["--config.mesh.data=4", "--config.mesh.fsdp=2"], 8)}
     losses = {}
