@@ -231,7 +231,8 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
             if fault == f"kill:{stage.name}:{done}":
                 checkpoints.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
-        checkpoints.save(stage.steps, params, opt_state, data.get_state())
+        if start < stage.steps or checkpoints.latest_step() is None:  # else: killed after its final save
+            checkpoints.save(stage.steps, params, opt_state, data.get_state())
         checkpoints.wait()
         summary = {"stage": stage.name, "final_step": stage.steps, "seconds": time.perf_counter() - t0}
         if stage.eval == "mlm":

@@ -133,6 +133,20 @@ def test_sigterm_saves_the_current_step_and_a_rerun_continues(vocab, tmp_path):
     assert resumed.returncode == -signal.SIGKILL
 
 
+def test_nonfinite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(vocab, tmp_path):
+    workdir = str(tmp_path / "nan")
+    args = tiny(vocab, "--config.teacher.lr=1e30", "--config.teacher.warmup_steps=0", "--config.train.log_every=1",
+                "--config.train.checkpoint_every=1", config="configs/teacher.py:local")
+    r = main(args, workdir)
+    assert r.returncode == 2
+    line = error_line(r)
+    assert "non-finite loss/gradients at step" in line and "kept the last good checkpoint" in line
+    good = int(line.split("(step ")[1].split(")")[0])
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "teacher", "checkpoints")) if d.isdigit())
+    assert saved and saved[-1] == good
+    assert not os.path.exists(os.path.join(workdir, "teacher", "done.json"))
+
+
 def test_one_and_eight_devices_give_the_same_losses(vocab, tmp_path):
     args = tiny(vocab, "--config.teacher.steps=3", "--config.train.log_every=1", config="configs/teacher.py:local")
     runs = {"1": ([], 1), "data8": (["--config.mesh.data=8"], 8),
