@@ -1,5 +1,8 @@
 """Entry point: `python -m mobiledistill.main --config=configs/progressive.py[:variant] --workdir=DIR`.
 
+Fine-tuning configs (`kind='finetune'`: configs/finetune_glue.py, finetune_squad.py, distill_task.py) run
+`mobiledistill.finetune.run`; `--config.mode=eval` re-evaluates a finished run and writes its predictions.
+
 Re-running the same command resumes: finished stages are skipped and the interrupted one continues from its last
 checkpoint. `--dry_run` prints the stage plan, sizes, FLOPs and a memory estimate without training.
 Exit codes: 0 done, 2 bad input (one line saying what and what is valid), 3 preempted by SIGTERM (re-run to continue).
@@ -42,6 +45,13 @@ def main(argv):
     if c is None:
         _fail("--config is required, e.g. --config=configs/progressive.py:local")
     try:
+        if c.get("kind") == "finetune":  # GLUE / SQuAD fine-tuning and task distillation (configs/finetune_*.py)
+            from mobiledistill import finetune
+            if _DRY_RUN.value or not _WORKDIR.value:
+                _fail("fine-tuning configs need --workdir (and have no --dry_run)")
+            sharding.initialize_distributed()
+            finetune.run(c, _WORKDIR.value, allow_config_change=_ALLOW.value)
+            return
         if _DRY_RUN.value:
             import jax
             devices = _DEVICES.value or jax.device_count()

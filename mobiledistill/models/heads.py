@@ -81,7 +81,9 @@ class SequenceClassificationModel(nnx.Module):
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, rng=None,
                  num_layers=None) -> tuple[Array, EncoderOutput]:
         out = self.encoder(input_ids, token_type_ids, attention_mask, rng=rng, num_layers=num_layers)
-        pooled = dropout(out.pooled_output, self.dropout_rate, None if rng is None else jax.random.fold_in(rng, -1))
+        # fold_in takes uint32: a site number no encoder dropout site uses (-1 overflowed).
+        site_rng = None if rng is None else jax.random.fold_in(rng, 0x7FFFFFFF)
+        pooled = dropout(out.pooled_output, self.dropout_rate, site_rng)
         return self.classifier(pooled).astype(jnp.float32), out
 
 
