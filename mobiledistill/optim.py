@@ -385,7 +385,12 @@ def make_optimizer(cfg: Any) -> optax.GradientTransformation:
 
 
 def accumulate_gradients(
-    value_and_grad_fn: Callable[[Any, Any], tuple[Any, Any]], params: Any, batch: Any, num_micro_batches: int
+    value_and_grad_fn: Callable[..., tuple[Any, Any]],
+    params: Any,
+    batch: Any,
+    num_micro_batches: int,
+    *,
+    with_index: bool = False,
 ) -> tuple[Any, Any]:
     """Mean of `value_and_grad_fn(params, micro_batch)` over micro-batches, with `lax.scan`.
 
@@ -393,10 +398,13 @@ def accumulate_gradients(
     processed in one jitted call. Micro-batch i takes rows i, i+n, i+2n, ... so that each stays
     spread over a batch-sharded mesh. The value may be any pytree (e.g. (loss, metrics)); the mean
     of micro-batch means equals the global mean for per-example means of equal-size micro-batches.
+    `with_index=True` calls `value_and_grad_fn(params, micro_batch, i)` with the micro-batch index i
+    (an int32 scalar; 0 when there is one micro-batch), e.g. to give each its own dropout key.
     """
     n = int(num_micro_batches)
+    fn = value_and_grad_fn if with_index else (lambda p, b, i: value_and_grad_fn(p, b))
     if n == 1:
-        return value_and_grad_fn(params, batch)
+        return fn(params, batch, jnp.zeros((), jnp.int32))
     sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or next(iter(sizes)) % n:
         raise ValueError(
@@ -405,11 +413,13 @@ def accumulate_gradients(
         )
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), batch)
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(value_and_grad_fn, params, first))
+    index = jnp.zeros((), jnp.int32)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, params, first, index))
 
-    def body(acc, mb):
-        out = value_and_grad_fn(params, mb)
+    def body(acc, xs):
+        i, mb = xs
+        out = fn(params, mb, i)
         return jax.tree.map(jnp.add, acc, out), None
 
-    total, _ = jax.lax.scan(body, zeros, micro)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(n, dtype=jnp.int32), micro))
     return jax.tree.map(lambda x: x / n, total)

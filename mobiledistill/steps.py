@@ -68,12 +68,16 @@ def make_train_step(stage: Stage, graphdef, params: nnx.State, teacher_graphdef=
         return total, dict(terms, loss=total)
 
     def step(params, opt_state, teacher_params, batch, rng):
-        grad_fn = jax.value_and_grad(lambda p, b: loss_and_metrics(p, teacher_params, b, rng), has_aux=True)
-        (_, metrics), grads = optim.accumulate_gradients(grad_fn, params, batch, accumulation_steps)
+        def micro_batch_loss(p, b, i):
+            # Each micro-batch gets its own dropout key (one batch keeps `rng` itself).
+            key = jax.random.fold_in(rng, i) if (stage.dropout and accumulation_steps > 1) else rng
+            return loss_and_metrics(p, teacher_params, b, key)
+
+        grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+        (_, metrics), grads = optim.accumulate_gradients(grad_fn, params, batch, accumulation_steps, with_index=True)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics["grad_norm"] = optax.global_norm(jax.tree.map(lambda m, g: g if m else jnp.zeros_like(g),
-                                                              mask, grads))
+        metrics["grad_norm"] = optax.tree.norm(jax.tree.map(lambda m, g: g if m else jnp.zeros_like(g), mask, grads))
         return params, opt_state, metrics
 
     return tx, step

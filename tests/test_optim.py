@@ -307,6 +307,14 @@ def test_gradient_accumulation_equals_big_batch():
     with pytest.raises(ValueError, match="divisible"):
         optim.accumulate_gradients(jax.value_and_grad(loss), params, (x, y), 3)
 
+    # with_index: micro-batch i (rows i, i+n, ...) is told its index, e.g. for its own dropout key
+    def first_row_and_index(p, b, i):
+        return b[0][0, 0], i.astype(jnp.float32)
+
+    rows, index = optim.accumulate_gradients(first_row_and_index, params, (x, y), 4, with_index=True)
+    np.testing.assert_allclose([rows, index], [np.mean(np.asarray(x)[:4, 0]), 1.5], rtol=1e-6)
+    assert float(optim.accumulate_gradients(first_row_and_index, params, (x, y), 1, with_index=True)[1]) == 0.0
+
 
 def test_skip_nonfinite_keeps_params():
     params, (x, y), loss = _linear_problem()

@@ -14,8 +14,10 @@ from mobiledistill.strategies.stage import Stage
 
 TEACHER = "teacher"
 STRATEGIES = ("progressive", "joint", "auxiliary", "teacher")
-# Embeddings and MLM/NSP heads come from the teacher and stay frozen during layer-wise transfer.
-FROZEN_DURING_TRANSFER = (("^encoder/embeddings/", 0.0), ("^mlm/", 0.0), ("^nsp/", 0.0))
+# During layer-wise transfer only the encoder layers train: the embeddings and MLM/NSP heads come from the teacher
+# and stay frozen, and parameters outside the transfer loss (a pooler) must not train either: with no gradient, LAMB
+# turns weight decay into a decay of lr x the parameter per step (trust ratio 1/weight_decay), which erases them.
+TRANSFER_TRAINS = (("^encoder/layers/", 1.0),)
 
 
 def layer_map(teacher: EncoderConfig, student: EncoderConfig) -> list[tuple[int, int]]:
@@ -66,7 +68,11 @@ def _teacher_ref(c) -> str:
 
 def progressive(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage]:
     """One stage per student layer k: only layer k's transfer loss; layer k at 1x, lower layers at
-    `pkt.lower_layer_scale` (0 = hard freeze), everything else frozen; student and teacher run only up to layer k."""
+    `pkt.lower_layer_scale` (0 = hard freeze), everything else frozen; student and teacher run only up to layer k.
+
+    With `pkt.official_stats_bug` the teacher runs in full: the official beta/gamma compare a student layer with the
+    statistics of every teacher hidden state (the official TF1 graph always computes the whole teacher).
+    """
     stages, previous = [], None
     for tk, sk in layer_map(teacher, student):
         name = f"pkt_{sk:02d}"
@@ -74,7 +80,8 @@ def progressive(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage
         opt = _lamb(c.pkt, c.pkt.steps_per_layer, "constant", lr_scales=tuple(rules), default_lr_scale=0.0)
         stages.append(Stage(name, c.pkt.steps_per_layer, _transfer_losses(c, [(tk, sk)]), opt,
                             init="teacher_copy" if previous is None else "previous", init_from=previous,
-                            teacher_from=_teacher_ref(c), num_layers=sk + 1, teacher_num_layers=tk + 1))
+                            teacher_from=_teacher_ref(c), num_layers=sk + 1,
+                            teacher_num_layers=None if c.pkt.official_stats_bug else tk + 1))
         previous = name
     return stages
 
@@ -82,7 +89,7 @@ def progressive(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage
 def joint(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage]:
     """All layers' transfer losses together in one stage with the same total step budget."""
     steps = c.pkt.steps_per_layer * student.num_hidden_layers
-    opt = _lamb(c.pkt, steps, "constant", lr_scales=FROZEN_DURING_TRANSFER)
+    opt = _lamb(c.pkt, steps, "constant", lr_scales=TRANSFER_TRAINS, default_lr_scale=0.0)
     return [Stage("jkt", steps, _transfer_losses(c, layer_map(teacher, student)), opt, init="teacher_copy",
                   teacher_from=_teacher_ref(c))]
 
