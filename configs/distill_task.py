@@ -17,14 +17,9 @@ Cost: the student's fine-tuning cost plus one teacher forward pass over the trai
 forward per step with ckd=1 (its relations need the teacher's hidden states).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-
-from mobiledistill.config import ConfigError  # noqa: E402
-from mobiledistill.finetune import ARG_KEYS, apply_arg, finetune_config, parse_arg  # noqa: E402
-from mobiledistill.losses.relations import ckd_relation_spec, ckd_task_hparams  # noqa: E402
+from mobiledistill.config import ConfigError
+from mobiledistill.finetune import ARG_KEYS, apply_arg, finetune_config, parse_arg
+from mobiledistill.losses.relations import ckd_relation_spec, ckd_task_hparams
 
 
 def get_config(arg=None):

@@ -23,12 +23,7 @@ Rough cost per seed (3 epochs, seq 128): BERT-base ~3 GFLOP x 3 per example (for
 RTE/MRPC/STS-B/CoLA/WNLI (<10k) a minute or two.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-
-from mobiledistill.finetune import apply_arg, finetune_config, parse_arg  # noqa: E402
+from mobiledistill.finetune import apply_arg, finetune_config, parse_arg
 
 
 def get_config(arg=None):

@@ -14,13 +14,8 @@ Rough cost per seed: ~88k questions -> ~89k windows x 5 epochs x 3 x 34 GFLOP (B
 1.5 hours on one V100-class GPU for BERT-base, MobileBERT ~4x less.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-
-from mobiledistill.config import ConfigError  # noqa: E402
-from mobiledistill.finetune import ARG_KEYS, apply_arg, finetune_config, parse_arg  # noqa: E402
+from mobiledistill.config import ConfigError
+from mobiledistill.finetune import ARG_KEYS, apply_arg, finetune_config, parse_arg
 
 VERSIONS = {"v1": "v1.1", "v1.1": "v1.1", "v2": "v2.0", "v2.0": "v2.0"}
 

@@ -28,7 +28,8 @@ import dataclasses
 import json
 import math
 import time
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,15 +42,32 @@ from ml_collections import config_dict
 from mobiledistill import checkpoint as ckpt
 from mobiledistill import convert, evaluate, sharding, steps
 from mobiledistill.config import MODEL_FIELDS, ConfigError
-from mobiledistill.data import (ArrayIterator, DataError, glue_features, glue_task, load_glue_files, load_glue_tfds,
-                                load_squad_json, load_squad_tfds, load_tokenizer, rotten_tomatoes, squad_features,
-                                trained_tokenizer)
+from mobiledistill.data import (
+    ArrayIterator,
+    DataError,
+    glue_features,
+    glue_task,
+    load_glue_files,
+    load_glue_tfds,
+    load_squad_json,
+    load_squad_tfds,
+    load_tokenizer,
+    rotten_tomatoes,
+    squad_features,
+    trained_tokenizer,
+)
 from mobiledistill.losses import distill
 from mobiledistill.losses._util import field
 from mobiledistill.losses.registry import LOSS_REGISTRY, make_loss, register_loss
 from mobiledistill.metrics import StageMetrics
-from mobiledistill.models import (EncoderConfig, PreTrainingModel, SequenceClassificationModel, SpanModel,
-                                  forward_flops, preset)
+from mobiledistill.models import (
+    EncoderConfig,
+    PreTrainingModel,
+    SequenceClassificationModel,
+    SpanModel,
+    forward_flops,
+    preset,
+)
 from mobiledistill.optim import OptimizerConfig
 from mobiledistill.strategies.stage import Stage
 from mobiledistill.train import NonFiniteLoss, Preempted, SigtermFlag
@@ -128,7 +146,7 @@ def _field_type(name: str):
 ARG_KEYS = ("task", "init", "teacher", "tokenizer", "seeds", "epochs", "tiny")
 
 
-def parse_arg(arg: Optional[str], allowed=ARG_KEYS) -> dict[str, str]:
+def parse_arg(arg: str | None, allowed=ARG_KEYS) -> dict[str, str]:
     """'task=sst2,init=hf:/path,seeds=3' -> {'task': 'sst2', ...}; a bare word is taken as the task."""
     out: dict[str, str] = {}
     for part in (arg or "").split(","):
@@ -279,7 +297,7 @@ class TaskData:
     evals: dict[str, Any]  # split -> GLUE feature dict or SquadFeatures
     train_texts: list[str]
     num_labels: int
-    label_names: Optional[tuple[str, ...]]
+    label_names: tuple[str, ...] | None
 
 
 def _eval_splits(c) -> list[str]:
@@ -413,7 +431,7 @@ class EncoderSource:
     """Where the task model's encoder comes from: its config, parameters (None: random) and tokenizer path."""
 
     cfg: EncoderConfig
-    params: Optional[nnx.State]
+    params: nnx.State | None
     tokenizer: str
     description: str
 
@@ -536,7 +554,7 @@ def load_finetuned(path: str | epath.Path, dtype: str | None = None) -> Teacher:
                    f"fine-tuned {run_dir}")
 
 
-def load_teacher(c, kind: str, num_labels: int) -> Optional[Teacher]:
+def load_teacher(c, kind: str, num_labels: int) -> Teacher | None:
     src = c.distill.teacher
     if not src:
         return None
@@ -555,7 +573,7 @@ def load_teacher(c, kind: str, num_labels: int) -> Optional[Teacher]:
 # Losses
 
 
-def loss_spec(c, kind: str, num_labels: int, teacher: Optional[Teacher]) -> tuple[dict, bool]:
+def loss_spec(c, kind: str, num_labels: int, teacher: Teacher | None) -> tuple[dict, bool]:
     """(registry spec, whether the teacher's logits can be cached instead of running it every step)."""
     regression = kind == "classification" and num_labels == 1
     task_term = "span_ce" if kind == "span" else ("regression" if regression else "task_ce")
@@ -649,7 +667,7 @@ class Context:
     cfg: EncoderConfig
     source: EncoderSource
     data: TaskData
-    teacher: Optional[Teacher]
+    teacher: Teacher | None
     spec: dict
     mesh: Any
     peak: float
@@ -675,7 +693,7 @@ def _fingerprint_config(c) -> dict:
     return d
 
 
-def resolve_tokenizer(c, workdir: epath.Path, source: EncoderSource, teacher: Optional[Teacher], texts):
+def resolve_tokenizer(c, workdir: epath.Path, source: EncoderSource, teacher: Teacher | None, texts):
     """(tokenizer, its path): explicit > 'train' > the init's own > the teacher's."""
     if c.tokenizer == "train":
         path = str(workdir / "tokenizer")
@@ -726,7 +744,7 @@ def prepare(c, workdir: epath.Path) -> Context:
 def initial_params(ctx: Context, seed: int) -> tuple[Any, nnx.State]:
     """(graphdef, parameters): a random task model (one compiled init for all seeds), encoder copied in."""
     if "init" not in ctx.compiled:
-        make = lambda key: new_task_model(ctx.kind, ctx.cfg, ctx.data.num_labels, key)  # noqa: E731
+        make = lambda key: new_task_model(ctx.kind, ctx.cfg, ctx.data.num_labels, key)
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
         ctx.compiled["init"] = (graphdef, jax.jit(lambda key: nnx.split(make(key))[1]))
     graphdef, init = ctx.compiled["init"]
@@ -905,9 +923,10 @@ def write_report(c, workdir: epath.Path, ctx: Context, summaries: Mapping[int, d
     from mobiledistill.models import count_params
     n_params = count_params(nnx.state(nnx.eval_shape(lambda: new_task_model(ctx.kind, ctx.cfg,
                                                                                 ctx.data.num_labels, 0))))
+    teacher = f"teacher `{c.distill.teacher}`, losses {', '.join(ctx.spec)}, " if c.distill.teacher else ""
     text = (f"# mobiledistill fine-tuning report: {c.task}\n\n"
             f"init `{c.init}` ({ctx.source.description}), {n_params:,} parameters, "
-            f"{'teacher `' + c.distill.teacher + '`, losses ' + ', '.join(ctx.spec) + ', ' if c.distill.teacher else ''}"
+            f"{teacher}"
             f"data `{c.data.source}` ({len(ctx.data.train['input_ids'])} training rows, eval on "
             f"{', '.join(ctx.data.evals)}), {c.train.epochs} epochs, batch {c.train.batch} x seq "
             f"{c.data.max_seq_length}, AdamW lr {c.train.lr:g}. Metrics in percent on the dev split(s); mean ± "
