@@ -12,6 +12,7 @@ from typing import Any
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "tanh")
 NORMALIZATIONS = ("layer_norm", "no_norm")
 DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,10 @@ class EncoderConfig:
     matters for `normalization_type='layer_norm'`.
     `layer_plan`: Shuffled Parameter Sharing (Pea-KD) execution plan, a tuple of (layer index, swap_qk) pairs; None runs
     layers 0..L-1 once, unswapped.
+    `scan_layers`: run the layers with `jax.lax.scan` over their stacked parameters (one compiled block instead of L;
+    same outputs and parameter paths). With `num_layers` set (progressive stages) the last layer runs explicitly.
+    `remat`: `jax.checkpoint` on each block: 'none', 'full' (recompute everything in the backward pass) or 'dots'
+    (keep the dense-layer matmul outputs, recompute attention and element-wise work).
     """
 
     vocab_size: int = 30522
@@ -56,6 +61,8 @@ class EncoderConfig:
     attention_mask_value: Any = "min"
     hf_eps_quirk: bool = True
     layer_plan: tuple[tuple[int, bool], ...] | None = None
+    scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         if self.layer_plan is not None:  # normalise lists (e.g. from JSON/ml_collections) to hashable tuples
@@ -106,6 +113,8 @@ class EncoderConfig:
             bad(f"normalization_type={self.normalization_type!r}; valid: {', '.join(NORMALIZATIONS)}")
         if self.dtype not in DTYPES:
             bad(f"dtype={self.dtype!r}; valid: {', '.join(DTYPES)} (float16 overflows with NoNorm activations)")
+        if self.remat not in REMAT:
+            bad(f"remat={self.remat!r}; valid: {', '.join(REMAT)}")
         if self.true_hidden_size % self.num_attention_heads:
             bad(f"attention width {self.true_hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}")

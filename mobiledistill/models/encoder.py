@@ -240,11 +240,61 @@ class Encoder(nnx.Module):
         plan = self.cfg.plan if num_layers is None else self.cfg.plan[:num_layers]
         x = self.embeddings(input_ids, token_type_ids, _sub_rng(rng, 0))
         hidden, scores, probs = [x], [], []
-        for n, (layer, swap_qk) in enumerate(plan):
-            x, s, p = self.layers[layer](x, attention_mask, _sub_rng(rng, n + 1), swap_qk)
-            hidden.append(x)
-            scores.append(s)
-            probs.append(p)
+        if self.cfg.scan_layers or self.cfg.remat != "none":
+            x = self._run_functional(x, attention_mask, rng, plan, num_layers is not None, hidden, scores, probs)
+        else:
+            for n, (layer, swap_qk) in enumerate(plan):
+                x, s, p = self.layers[layer](x, attention_mask, _sub_rng(rng, n + 1), swap_qk)
+                hidden.append(x)
+                scores.append(s)
+                probs.append(p)
         first = x[:, 0]
         pooled = jnp.tanh(self.pooler(first)) if self.cfg.classifier_activation else first
         return EncoderOutput(x, pooled, tuple(hidden), tuple(scores), tuple(probs))
+
+    def _run_functional(self, x, mask, rng, plan, explicit_last: bool, hidden: list, scores: list, probs: list):
+        """The plan's blocks as a pure function of their parameter states: `lax.scan` over the stacked states
+        (`scan_layers`; with `explicit_last`, the last entry runs outside the scan) and/or `jax.checkpoint` (`remat`).
+
+        A swapped plan entry (SPS) is the same block with its query and key parameters exchanged. Appends to the
+        output lists and returns the last hidden state.
+        """
+        graphdef = nnx.graphdef(self.layers[0])
+        states = [nnx.state(layer) for layer in self.layers]
+
+        def entry_state(layer: int, swap_qk: bool):
+            state = states[layer]
+            if swap_qk:
+                state = jax.tree.map(lambda v: v, state)
+                state["query"], state["key"] = states[layer]["key"], states[layer]["query"]
+            return state
+
+        def apply(state, h, site_rng):
+            return nnx.merge(graphdef, state)(h, mask, site_rng)
+
+        if self.cfg.remat == "full":
+            apply = jax.checkpoint(apply)
+        elif self.cfg.remat == "dots":
+            apply = jax.checkpoint(apply, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+        n_scan = 0
+        if self.cfg.scan_layers:
+            n_scan = len(plan) - 1 if (explicit_last and len(plan) > 1) else len(plan)
+        if n_scan:
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[entry_state(i, swap) for i, swap in plan[:n_scan]])
+
+            def body(h, xs):
+                state, site = xs
+                out = apply(state, h, None if rng is None else jax.random.fold_in(rng, site))
+                return out[0], out
+
+            x, (hs, ss, ps) = jax.lax.scan(body, x, (stacked, jnp.arange(1, n_scan + 1)))
+            hidden.extend(hs[i] for i in range(n_scan))
+            scores.extend(ss[i] for i in range(n_scan))
+            probs.extend(ps[i] for i in range(n_scan))
+        for n in range(n_scan, len(plan)):
+            x, s, p = apply(entry_state(*plan[n]), x, _sub_rng(rng, n + 1))
+            hidden.append(x)
+            scores.append(s)
+            probs.append(p)
+        return x
