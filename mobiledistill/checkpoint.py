@@ -3,6 +3,8 @@
 Layout: `workdir/<stage>/checkpoints/<step>/{params,opt_state,data}` (Orbax CheckpointManager, keep-N, async save),
 `workdir/<stage>/done.json` once the stage's final checkpoint is committed, and `workdir/config.json` +
 `workdir/fingerprint` for the experiment. Paths go through `etils.epath`, so `gs://` workdirs work on TPU VMs.
+Multi-host: every process reads, process 0 alone writes the JSON files (then a barrier); each process's data-iterator
+state is gathered into the checkpoint, and each takes back its own on restore.
 """
 
 from __future__ import annotations
@@ -12,12 +14,30 @@ import json
 from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
     """Missing/corrupt checkpoints or a workdir that holds another experiment."""
+
+
+def barrier(name: str) -> None:
+    """Waits for every process (no-op with one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _gather_json(obj: Any) -> list:
+    """`obj` (JSON-serialisable) of every process, in process order."""
+    data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(gathered, np.asarray(sizes).reshape(-1))]
 
 
 def _abstract(tree):
@@ -45,9 +65,12 @@ class StageCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, data_state: Mapping[str, Any]) -> None:
+        data_state = dict(data_state)
+        if jax.process_count() > 1:  # Orbax writes JSON from process 0 only: keep every process's position
+            data_state = {"per_process": _gather_json(data_state)}
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            data=ocp.args.JsonSave(dict(data_state))), force=True)
+            data=ocp.args.JsonSave(data_state)), force=True)
 
     def restore(self, step: int, params_like, opt_state_like):
         """Restores into the structure, dtypes and shardings of the given (concrete or abstract) trees."""
@@ -59,7 +82,14 @@ class StageCheckpoints:
         except Exception as e:  # orbax raises several types for missing/corrupt/mismatched items
             raise CheckpointError(f"cannot restore {self.dir / 'checkpoints' / str(step)}: "
                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        return r.params, r.opt_state, r.data
+        data = r.data
+        if "per_process" in data:
+            if len(data["per_process"]) != jax.process_count():
+                raise CheckpointError(f"{self.dir / 'checkpoints' / str(step)} was saved by "
+                                      f"{len(data['per_process'])} processes, this run has {jax.process_count()} "
+                                      f"(resume with the same number of hosts)")
+            data = data["per_process"][jax.process_index()]
+        return r.params, r.opt_state, data
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -71,7 +101,9 @@ class StageCheckpoints:
     # Completion marker ------------------------------------------------------------------------------------------
     def mark_done(self, summary: Mapping[str, Any]) -> None:
         self.wait()
-        write_json_atomic(self.dir / "done.json", dict(summary))
+        if jax.process_index() == 0:
+            write_json_atomic(self.dir / "done.json", dict(summary))
+        barrier(f"done:{self.dir}")
 
 
 def stage_done(stage_dir: str | epath.Path) -> Optional[dict]:
@@ -147,7 +179,12 @@ def check_fingerprint(workdir: str | epath.Path, config: Mapping[str, Any], allo
             raise CheckpointError(
                 f"workdir {workdir} holds another experiment (config differs in {diff[:8]}); use a new --workdir, "
                 f"or pass --allow_config_change to resume it with the new config")
-        write_json_atomic(workdir / f"config.previous.{old}.json", json.loads(cfg_path.read_text()))
-    write_json_atomic(cfg_path, json.loads(json.dumps(dict(config), default=str)))
-    fp_path.write_text(new + "\n")
+    previous = json.loads(cfg_path.read_text()) if fp_path.exists() else None
+    barrier(f"fingerprint-read:{workdir}")  # every process has read before process 0 writes
+    if jax.process_index() == 0:
+        if previous is not None:
+            write_json_atomic(workdir / f"config.previous.{old}.json", previous)
+        write_json_atomic(cfg_path, json.loads(json.dumps(dict(config), default=str)))
+        fp_path.write_text(new + "\n")
+    barrier(f"fingerprint-written:{workdir}")
     return False

@@ -108,10 +108,11 @@ def load_teacher(ctx: RunContext, source: str):
     shardings = sharding.tree_shardings(abstract, ctx.mesh)
     if source.startswith("hf:"):
         model = convert.load_hf(source[3:], pretraining=True, dtype=ctx.teacher_cfg.dtype)
-        if model.encoder.cfg.replace(dtype=ctx.teacher_cfg.dtype) != ctx.teacher_cfg:
+        same = dict(dtype=ctx.teacher_cfg.dtype, scan_layers=ctx.teacher_cfg.scan_layers, remat=ctx.teacher_cfg.remat)
+        if model.encoder.cfg.replace(**same) != ctx.teacher_cfg:
             raise convert.ConversionError(f"teacher checkpoint {source[3:]} does not match the configured teacher "
                                           f"model; set teacher.preset/fields to its config.json")
-        params = jax.device_put(nnx.state(model, nnx.Param), shardings)
+        params = jax.device_put(nnx.state(model, nnx.Param), shardings)  # the same paths scanned or not
     else:
         params = ckpt.restore_final_params(ctx.workdir / source, _with_shardings(abstract, shardings))
         params = _as_state(abstract, params)
