@@ -1,0 +1,276 @@
+"""Train-step speed, MFU, compile time and memory of full-size models, and the PyTorch baseline (SPEC §9).
+
+    .venv/bin/python benchmarks/train_step.py                 # all parts, ~6-10 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/train_step.py --parts=a,d     # some parts: a b c d (memory is reported by each)
+
+(a) MobileBERT MLM+NSP train step (AdamW, dropout on), batch 8 x seq 128: ours (jit, fp32) with all 128 positions
+    labelled and with 20 gathered predictions, vs transformers' MobileBertForPreTraining in PyTorch eager and
+    torch.compile with all 128 positions labelled (the same work as our 'all' variant).
+(b) Progressive knowledge transfer step at layers k = 0, 11, 23 (IB-BERT_LARGE teacher forward to layer k, student
+    MobileBERT to layer k, the paper's losses and LAMB).
+(c) Pre-training distillation step (full teacher forward + full student train step).
+(d) Compile time of the 24-layer MobileBERT train step, layers scanned vs unrolled.
+Every step reports the median ms over repeats, sequences/s, MFU of the student (3 x forward FLOPs) and in total
+(+ the teacher's forward) against the f32 matmul peak measured in the same run, XLA's compiled memory analysis and
+the process peak RSS. Writes benchmarks/results/train_step.json (updated after every measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT = os.path.join(ROOT, "benchmarks", "results", "train_step.json")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mobiledistill import config as config_lib  # noqa: E402
+from mobiledistill import perf, steps  # noqa: E402
+from mobiledistill.models import PreTrainingModel, forward_flops, preset  # noqa: E402
+from mobiledistill.optim import OptimizerConfig  # noqa: E402
+from mobiledistill.strategies import Stage, build_stages  # noqa: E402
+
+B, S, P = 8, 128, 20
+MB = 1024.0 ** 2
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+    import transformers
+    return dict(platform=platform.platform(), cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
+                jax=jax.__version__, jax_device=jax.devices()[0].device_kind, torch=torch.__version__,
+                torch_threads=torch.get_num_threads(), transformers=transformers.__version__,
+                load_average_at_start=os.getloadavg())
+
+
+def make_batch(vocab: int, predictions: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, (B, S)).astype(np.int32)
+    if predictions == S:
+        pos = np.tile(np.arange(S, dtype=np.int32), (B, 1))
+    else:
+        pos = np.sort(np.stack([rng.choice(np.arange(1, S), predictions, replace=False) for _ in range(B)]), 1)
+    return dict(input_ids=ids, token_type_ids=(np.arange(S)[None] >= S // 2).astype(np.int32).repeat(B, 0),
+                attention_mask=np.ones((B, S), np.int32), masked_lm_positions=pos.astype(np.int32),
+                masked_lm_ids=np.take_along_axis(ids, pos, 1), masked_lm_weights=np.ones(pos.shape, np.float32),
+                next_sentence_labels=rng.integers(0, 2, (B,)).astype(np.int32))
+
+
+def memory(compiled) -> dict:
+    try:
+        m = compiled.memory_analysis()
+        out = dict(temp_mb=m.temp_size_in_bytes / MB, argument_mb=m.argument_size_in_bytes / MB,
+                   output_mb=m.output_size_in_bytes / MB)
+        out["total_mb"] = out["temp_mb"] + out["argument_mb"] + out["output_mb"]
+        return out
+    except Exception as e:  # not every backend implements it
+        return {"error": str(e)}
+
+
+def time_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, repeats: int = 5, seed: int = 0) -> dict:
+    """Compile and time one jitted train step; returns timings, FLOPs and memory."""
+    graphdef, params = nnx.split(PreTrainingModel(cfg, nnx.Rngs(seed)), nnx.Param)
+    t_graphdef = t_params = None
+    if teacher_cfg is not None:
+        t_graphdef, t_params = nnx.split(PreTrainingModel(teacher_cfg, nnx.Rngs(seed + 1)), nnx.Param)
+    tx, step = steps.make_train_step(stage, graphdef, params, t_graphdef)
+    opt_state = tx.init(params)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(cfg.vocab_size, predictions, seed).items()}
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, t_params, batch, key).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        params, opt_state, metrics = compiled(params, opt_state, t_params, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready(metrics)
+        if i:  # the first call also pays one-time allocation
+            times.append(time.perf_counter() - t)
+    if not np.isfinite(float(metrics["loss"])):
+        raise RuntimeError(f"non-finite loss in {stage.name}")
+    return dict(compile_s=compile_s, times_ms=[1e3 * t for t in times], median_ms=1e3 * statistics.median(times),
+                loss=float(metrics["loss"]), memory=memory(compiled), rss_mb=rss_mb())
+
+
+def rates(result: dict, student_flops: float, teacher_flops: float, peak: float) -> dict:
+    """sequences/s and MFU from per-sequence FLOPs."""
+    sec = result["median_ms"] / 1e3
+    return dict(result, sequences_per_s=B / sec, student_gflop_per_step=student_flops * B / 1e9,
+                teacher_gflop_per_step=teacher_flops * B / 1e9, mfu_student=student_flops * B / sec / peak,
+                mfu_total=(student_flops + teacher_flops) * B / sec / peak)
+
+
+def mlm_stage(name="mlm_nsp") -> Stage:
+    opt = OptimizerConfig(name="adamw", learning_rate=1e-4, warmup_steps=0, total_steps=1000, schedule="constant")
+    return Stage(name=name, steps=1, init="fresh", optimizer=opt, dropout=True,
+                 losses={"mlm": {"weight": 1.0}, "nsp": {"weight": 1.0}})
+
+
+def time_torch(cfg, repeats: int, compiled: bool) -> dict:
+    """transformers MobileBertForPreTraining, all positions labelled, AdamW, train mode (dropout on)."""
+    import torch
+    import transformers
+
+    from mobiledistill.convert import config_to_hf
+
+    torch.manual_seed(0)
+    hf = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type")}
+    model = transformers.MobileBertForPreTraining(transformers.MobileBertConfig(**hf))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b = make_batch(cfg.vocab_size, S)
+    inputs = dict(input_ids=torch.tensor(b["input_ids"], dtype=torch.long),
+                  token_type_ids=torch.tensor(b["token_type_ids"], dtype=torch.long),
+                  attention_mask=torch.tensor(b["attention_mask"], dtype=torch.long),
+                  labels=torch.tensor(b["input_ids"], dtype=torch.long),
+                  next_sentence_label=torch.tensor(b["next_sentence_labels"], dtype=torch.long))
+    fwd = torch.compile(model) if compiled else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = fwd(**inputs).loss
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    t0 = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return dict(first_call_s=first_s, times_ms=[1e3 * t for t in times], median_ms=1e3 * statistics.median(times),
+                rss_mb=rss_mb())
+
+
+def paper_stages():
+    c = config_lib.pretraining_config()
+    teacher, student = config_lib.model_config(c.teacher, "float32"), config_lib.model_config(c.student, "float32")
+    return teacher, student, {s.name: s for s in build_stages(c, teacher, student)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="a,b,c,d")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--teacher-repeats", type=int, default=2)
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    out = dict(machine=machine(), batch=B, seq_len=S, predictions=P, dtype="float32")
+    if os.path.exists(RESULT):  # keep parts that are not re-run
+        old = json.load(open(RESULT))
+        out.update({k: v for k, v in old.items() if k not in ("machine",) and k[:1] not in parts})
+    peak = perf.measured_matmul_peak(2048, repeats=7)
+    out["matmul_peak_gflops"] = peak / 1e9
+
+    def save():
+        os.makedirs(os.path.dirname(RESULT), exist_ok=True)
+        json.dump(out, open(RESULT, "w"), indent=2)
+
+    def show(name, r):
+        extra = f" ratio {r['speedup_vs_torch_eager']:.2f}x eager" if "speedup_vs_torch_eager" in r else ""
+        print(f"{name}: {r['median_ms']:.0f} ms/step, {r.get('sequences_per_s', B * 1e3 / r['median_ms']):.2f} "
+              f"seq/s, MFU student {100 * r.get('mfu_student', float('nan')):.1f}% total "
+              f"{100 * r.get('mfu_total', float('nan')):.1f}%{extra}", flush=True)
+
+    student = preset("mobilebert")
+    if "a" in parts:
+        flops_all = 3.0 * forward_flops(student, S, mlm_positions=S, nsp=True)
+        flops_20 = 3.0 * forward_flops(student, S, mlm_positions=P, nsp=True)
+        res = {}
+        res["ours_all_positions"] = rates(time_ours(mlm_stage(), student, predictions=S, repeats=args.repeats),
+                                          flops_all, 0.0, peak)
+        res["ours_20_predictions"] = rates(time_ours(mlm_stage(), student, predictions=P, repeats=args.repeats),
+                                           flops_20, 0.0, peak)
+        res["ours_20_predictions_scan"] = rates(time_ours(mlm_stage(), student.replace(scan_layers=True),
+                                                          predictions=P, repeats=args.repeats), flops_20, 0.0, peak)
+        res["torch_eager_all_positions"] = rates(time_torch(student, args.repeats, False), flops_all, 0.0, peak)
+        out["a_mobilebert_train_step"] = res
+        save()
+        try:
+            res["torch_compile_all_positions"] = rates(time_torch(student, args.repeats, True), flops_all, 0.0, peak)
+        except Exception as e:  # inductor needs a C++ compiler; record why it is missing
+            res["torch_compile_all_positions"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+        eager = res["torch_eager_all_positions"]["median_ms"]
+        comp = res["torch_compile_all_positions"].get("median_ms")
+        for r in (res["ours_all_positions"], res["ours_20_predictions"], res["ours_20_predictions_scan"]):
+            r["speedup_vs_torch_eager"] = eager / r["median_ms"]
+            if comp:
+                r["speedup_vs_torch_compile"] = comp / r["median_ms"]
+        for name, r in res.items():
+            if "median_ms" in r:
+                show(f"(a) {name}", r)
+        save()
+
+    teacher = tstages = None
+    if "b" in parts or "c" in parts:
+        teacher, _, tstages = paper_stages()
+        teacher, student_s = teacher.replace(scan_layers=True), student.replace(scan_layers=True)
+    if "b" in parts:
+        res = {}
+        for k in (0, 11, 23):
+            stage = tstages[f"pkt_{k:02d}"]
+            sf, tf = perf.stage_flops(stage, student_s, teacher, S, P)
+            r = rates(time_ours(stage, student_s, teacher, repeats=args.teacher_repeats), sf, tf, peak)
+            res[f"k={k}"] = r
+            show(f"(b) progressive k={k}", r)
+            out["b_progressive_step"] = res
+            save()
+    if "c" in parts:
+        stage = tstages["pd"]
+        sf, tf = perf.stage_flops(stage, student_s, teacher, S, P)
+        r = rates(time_ours(stage, student_s, teacher, repeats=args.teacher_repeats), sf, tf, peak)
+        out["c_pd_step"] = r
+        show("(c) pre-training distillation", r)
+        save()
+    if "d" in parts:
+        res = {}
+        for scan in (True, False):
+            cfg = student.replace(scan_layers=scan)
+            graphdef, params = nnx.split(nnx.eval_shape(lambda: PreTrainingModel(cfg, nnx.Rngs(0))), nnx.Param)
+            tx, step = steps.make_train_step(mlm_stage(), graphdef, params)
+            batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in make_batch(cfg.vocab_size, P).items()}
+            t0 = time.perf_counter()
+            lowered = jax.jit(step).lower(params, jax.eval_shape(tx.init, params), None, batch, jax.random.key(0))
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            t2 = time.perf_counter()
+            res["scanned" if scan else "unrolled"] = dict(trace_lower_s=t1 - t0, compile_s=t2 - t1,
+                                                          total_s=t2 - t0, memory=memory(compiled))
+            print(f"(d) 24 layers {'scanned' if scan else 'unrolled'}: trace+lower {t1 - t0:.1f} s, "
+                  f"compile {t2 - t1:.1f} s", flush=True)
+        out["d_compile_24_layers"] = res
+        save()
+    out["peak_rss_mb"] = rss_mb()
+    out["machine"]["load_average_at_end"] = os.getloadavg()
+    save()
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; wrote {RESULT}")
+
+
+if __name__ == "__main__":
+    main()
