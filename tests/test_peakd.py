@@ -7,8 +7,7 @@ import pytest
 from flax import nnx
 
 from mobiledistill.models import Encoder, encoder_param_count, preset
-from mobiledistill.strategies.peakd import (PTP_THRESHOLDS, paired_plan, ptp_labels, ptp_thresholds,
-                                            top_layers_plan)
+from mobiledistill.strategies.peakd import PTP_THRESHOLDS, paired_plan, ptp_labels, ptp_thresholds, top_layers_plan
 
 
 def _logits_with_conf(conf, pred, num_classes):
