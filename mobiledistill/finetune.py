@@ -5,6 +5,12 @@
     hf:<dir>                    a transformers BERT/MobileBERT directory (encoder copied, head initialised)
     stage:<workdir>/<stage>     the encoder of a finished stage of a pre-training pipeline workdir
     preset:<name>               random initialisation (e.g. 'test_bert'; `c.model.*` fields override the preset)
+    ptp:<workdir>[/seed_<s>]    the best-dev-loss encoder of a finished Pea-KD PTP run of this runner
+
+Pea-KD hooks (configs/peakd.py; absent from plain configs): `c.sps` ('paired' or 'top3') runs the encoder with a
+Shuffled Parameter Sharing plan; `c.ptp` ({teacher, t1, t2}) replaces the task labels of every split by the 4-way PTP
+labels of that teacher's predictions, scores the dev split(s) by accuracy and loss, and keeps the encoder of the
+best-dev-loss epoch in `seed_<s>/best_encoder.npz`.
 
 and trains it with AdamW (weight decay 0.01, eps 1e-6, clip 1.0, 10% warm-up, linear decay) for `c.train.epochs`
 epochs, evaluating on the dev split(s) after each epoch, once per seed in `c.seeds`. With `c.distill.teacher` set
@@ -223,8 +229,12 @@ def validate(c) -> None:
             bad(f"task={c.task!r}; valid: {', '.join(evaluate.GLUE_TASKS)}, squad")
     elif c.squad_version not in ("v1.1", "v2.0"):
         bad(f"squad_version={c.squad_version!r}; valid: 'v1.1', 'v2.0'")
-    if not c.init.startswith(("hf:", "stage:", "preset:")):
-        bad(f"init={c.init!r}; valid: 'hf:<dir>', 'stage:<workdir>/<stage>', 'preset:<name>'")
+    if not c.init.startswith(("hf:", "stage:", "preset:", "ptp:")):
+        bad(f"init={c.init!r}; valid: 'hf:<dir>', 'stage:<workdir>/<stage>', 'preset:<name>', 'ptp:<workdir>'")
+    if c.get("sps", "") not in ("", "paired", "top3"):
+        bad(f"sps={c.sps!r}; valid: '', 'paired', 'top3'")
+    if c.get("ptp") is not None and (c.task == SQUAD or not c.ptp.teacher):
+        bad("ptp needs a GLUE classification task and ptp.teacher=finetune:<workdir> or hf:<dir>")
     if c.data.source not in ("tfds", "files", "rotten_tomatoes"):
         bad(f"data.source={c.data.source!r}; valid: 'tfds', 'files', 'rotten_tomatoes'")
     if c.data.source == "rotten_tomatoes" and c.task != "sst2":
@@ -473,6 +483,14 @@ def encoder_source(c, dtype: str) -> EncoderSource:
         params = restored["encoder"]
         return EncoderSource(_truncated(cfg, _model_overrides(c, _COPY_SETTABLE), c.init), params, vocab,
                              f"stage {stage_dir.name} of {workdir}")
+    if kind == "ptp":
+        workdir, run_dir = finished_run_dir(epath.Path(rest))
+        info = read_model_json(workdir)
+        cfg = _truncated(info["encoder"].replace(dtype=dtype), _model_overrides(c, _COPY_SETTABLE[1:]), c.init)
+        with (run_dir / "best_encoder.npz").open("rb") as f:  # host arrays: every seed copies them afresh
+            params = nnx.from_flat_state({tuple(int(q) if q.isdigit() else q for q in k.split("/")): v
+                                          for k, v in np.load(f).items()})
+        return EncoderSource(cfg, params, info["tokenizer"], f"Pea-KD PTP encoder of {run_dir}")
     name = rest
     over = _model_overrides(c)
     over.pop("dtype", None)
@@ -554,8 +572,8 @@ def load_finetuned(path: str | epath.Path, dtype: str | None = None) -> Teacher:
                    f"fine-tuned {run_dir}")
 
 
-def load_teacher(c, kind: str, num_labels: int) -> Teacher | None:
-    src = c.distill.teacher
+def load_teacher(c, kind: str, num_labels: int, src: str | None = None) -> Teacher | None:
+    src = c.distill.teacher if src is None else src
     if not src:
         return None
     dtype = c.model.dtype
@@ -641,6 +659,12 @@ def score(c, kind: str, features, outputs: Mapping[str, np.ndarray]) -> tuple[di
         extra = dict(nbest=spans.nbest, null_odds=spans.null_odds if v2 else None)
         return metrics, spans.predictions, extra
     logits = outputs["logits"]
+    if c.get("ptp") is not None:
+        labels = features["labels"]
+        logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), -1)
+        loss = float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(labels)[:, None], -1)))
+        acc = 100.0 * float(np.mean(np.argmax(logits, -1) == labels))
+        return {"accuracy": acc, "loss": loss, "score": acc}, np.argmax(logits, -1), {}
     task = glue_task(c.task)
     preds = logits[:, 0] if task.is_regression else np.argmax(logits, -1)
     metrics = evaluate.glue_metrics(task.name, logits, features["labels"])
@@ -712,9 +736,15 @@ def prepare(c, workdir: epath.Path) -> Context:
     examples = load_examples(c)
     num_labels = 2 if kind == "span" else glue_task(c.task).num_labels
     teacher = load_teacher(c, kind, num_labels)
+    ptp_teacher = load_teacher(c, kind, num_labels, c.ptp.teacher) if c.get("ptp") is not None else None
     source = encoder_source(c, c.model.dtype)
-    tok, tok_path = resolve_tokenizer(c, workdir, source, teacher, lambda: task_texts(c, examples["train"]))
+    tok, tok_path = resolve_tokenizer(c, workdir, source, teacher or ptp_teacher,
+                                      lambda: task_texts(c, examples["train"]))
     cfg = source.cfg
+    if c.get("sps"):
+        from mobiledistill.strategies.peakd import paired_plan, top_layers_plan
+        n = cfg.num_hidden_layers
+        cfg = cfg.replace(layer_plan=paired_plan(n) if c.sps == "paired" else top_layers_plan(n, min(3, n)))
     if source.params is None:
         cfg = cfg.replace(vocab_size=tok.vocab_size)
     elif cfg.vocab_size != tok.vocab_size:
@@ -727,8 +757,11 @@ def prepare(c, workdir: epath.Path) -> Context:
         raise ConfigError(f"data.max_seq_length={c.data.max_seq_length} exceeds the model's "
                           f"max_position_embeddings={cfg.max_position_embeddings}")
     data = build_features(c, examples, tok)
-    spec, _ = loss_spec(c, kind, num_labels, teacher)
     mesh = sharding.make_mesh(-1, 1)
+    if ptp_teacher is not None:
+        data = _ptp_data(c, data, ptp_teacher, mesh)
+        num_labels = data.num_labels
+    spec, _ = loss_spec(c, kind, num_labels, teacher)
     if jax.process_index() == 0:
         info = {"task": c.task, "kind": kind, "num_labels": num_labels, "encoder": cfg.to_dict(),
                 "tokenizer": tok_path, "seeds": [int(s) for s in c.seeds], "init": c.init,
@@ -739,6 +772,39 @@ def prepare(c, workdir: epath.Path) -> Context:
     from mobiledistill import perf
     peak, _ = perf.peak_flops_per_device()
     return Context(c, workdir, kind, cfg, source, data, teacher, spec, mesh, peak, None)
+
+
+def _ptp_data(c, data: TaskData, t: Teacher, mesh) -> TaskData:
+    """`data` with every split's labels replaced by the PTP labels of teacher `t` (4 classes)."""
+    from mobiledistill.strategies.peakd import PTP_NUM_LABELS, ptp_labels
+
+    if data.num_labels < 2:
+        raise ConfigError(f"ptp: task {c.task} is a regression task; PTP needs classification labels")
+    predict = make_predict(t.graphdef, t.kind)
+
+    def relabel(f):
+        logits = predict_arrays(predict, t.params, f, c.train.eval_batch, mesh)["logits"]
+        return {**f, "labels": ptp_labels(logits, f["labels"], float(c.ptp.t1), float(c.ptp.t2))}
+
+    return dataclasses.replace(data, train=relabel(data.train), evals={s: relabel(f) for s, f in data.evals.items()},
+                               num_labels=PTP_NUM_LABELS, label_names=None)
+
+
+def _keep_best_encoder(ctx: Context, run_dir: epath.Path, params, metrics: Mapping[str, Mapping[str, float]],
+                       epoch: int) -> None:
+    """PTP: writes the encoder to best_encoder.npz when the mean dev loss is the lowest so far."""
+    loss = float(np.mean([m["loss"] for m in metrics.values()]))
+    info = run_dir / "best_encoder.json"
+    if info.exists() and json.loads(info.read_text())["loss"] <= loss:
+        return
+    if jax.process_index() == 0:
+        flat = {"/".join(map(str, p)): np.asarray(jax.device_get(v.get_value() if hasattr(v, "get_value") else v))
+                for p, v in nnx.to_flat_state(params["encoder"])}
+        tmp = run_dir / "best_encoder.tmp.npz"
+        with tmp.open("wb") as f:
+            np.savez(f, **flat)
+        tmp.replace(run_dir / "best_encoder.npz")
+        info.write_text(json.dumps({"loss": loss, "epoch": epoch}))
 
 
 def initial_params(ctx: Context, seed: int) -> tuple[Any, nnx.State]:
@@ -877,6 +943,8 @@ def train_seed(ctx: Context, seed: int, index: int) -> dict:
             if epoch_end and done_steps < total:
                 ev, _ = evaluate_params(ctx, graphdef, params)
                 log.event(f"epoch {done_steps // per_epoch}: {_eval_line(ev)}")
+                if c.get("ptp") is not None:
+                    _keep_best_encoder(ctx, run_dir, params, ev, done_steps // per_epoch)
                 _append_jsonl(eval_log, {"step": done_steps, "epoch": done_steps // per_epoch,
                                          **_flat_metrics(ev)})
             if is_ckpt or ctx.sigterm.raised:
@@ -891,6 +959,8 @@ def train_seed(ctx: Context, seed: int, index: int) -> dict:
         checkpoints.wait()
         ev, written = evaluate_params(ctx, graphdef, params)
         write_outputs(run_dir, ev, written)
+        if c.get("ptp") is not None:
+            _keep_best_encoder(ctx, run_dir, params, ev, c.train.epochs)
         flat = _flat_metrics(ev)
         _append_jsonl(eval_log, {"step": total, "epoch": c.train.epochs, **flat})
         log.event(f"final (epoch {c.train.epochs}): {_eval_line(ev)}")

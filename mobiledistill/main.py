@@ -52,6 +52,13 @@ def main(argv):
             sharding.initialize_distributed()
             finetune.run(c, _WORKDIR.value, allow_config_change=_ALLOW.value)
             return
+        if c.get("kind") == "peakd":  # Pea-KD: PTP then PKD stage (configs/peakd.py)
+            from mobiledistill.strategies import peakd
+            if _DRY_RUN.value or not _WORKDIR.value:
+                _fail("Pea-KD configs need --workdir (and have no --dry_run)")
+            sharding.initialize_distributed()
+            peakd.run(c, _WORKDIR.value)
+            return
         if _DRY_RUN.value:
             import jax
             devices = _DEVICES.value or jax.device_count()

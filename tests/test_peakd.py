@@ -88,3 +88,42 @@ def test_second_pass_uses_swapped_query_and_key(name):
     np.testing.assert_allclose(out.attention_scores[1], jnp.swapaxes(s_plain, -1, -2), rtol=1e-5, atol=1e-5)
     diff = np.abs(np.asarray(out.attention_scores[1]) - np.asarray(s_plain)).max()
     assert diff > 1e-2 * np.abs(np.asarray(s_plain)).max()  # the scores are not symmetric: the swap matters
+
+
+def test_patience_layers():
+    from mobiledistill.strategies.peakd import patience_layers
+    assert patience_layers(6, 12) == ([1, 2, 3, 4, 5], [2, 4, 6, 8, 10])
+    assert patience_layers(2, 2) == ([1], [1])
+    with pytest.raises(ValueError, match="need 2 <= student layers"):
+        patience_layers(1, 12)
+
+
+def test_peakd_end_to_end_tiny(tmp_path):
+    import json
+    import os
+    import sys
+
+    import tensorflow_datasets as tfds
+
+    from mobiledistill import finetune
+    from mobiledistill.strategies import peakd
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+    import finetune_glue
+    import peakd as peakd_config
+
+    teacher = str(tmp_path / "teacher")
+    with tfds.testing.mock_data(num_examples=10):
+        finetune.run(finetune_glue.get_config("task=sst2,tiny=1,seeds=1"), teacher)
+        c = peakd_config.get_config(f"task=SST-2,teacher=finetune:{teacher},tiny=1")
+        assert c.ptp_stage.ptp.t1 == 0.98 and c.pkd_stage.distill.extra_losses.kl_kd.temperature == 10.0
+        out = peakd.run(c, str(tmp_path / "peakd"))
+    ptp_dir = tmp_path / "peakd" / "ptp"
+    assert json.loads((ptp_dir / "model.json").read_text())["num_labels"] == 4
+    assert (ptp_dir / "seed_0" / "best_encoder.npz").exists()
+    m = json.loads((ptp_dir / "seed_0" / "validation_metrics.json").read_text())
+    assert {"accuracy", "loss"} <= set(m)
+    info = json.loads((tmp_path / "peakd" / "pkd" / "model.json").read_text())
+    assert info["num_labels"] == 2 and info["encoder"]["layer_plan"] == [[0, False], [0, True]]
+    assert sorted(out) == [0, 1] and all(np.isfinite(out[s]["accuracy"]) for s in out)
+    last = json.loads((tmp_path / "peakd" / "pkd" / "seed_0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"kl_kd", "patience", "task_ce"} <= set(last)
