@@ -88,6 +88,7 @@ def pretraining_config() -> ml_collections.ConfigDict:
     c.pd.alpha = 0.5
     c.pd.temperature = 1.0
     c.pd.bias_correction = True
+    c.pd.relations = ml_collections.ConfigDict()  # extra PD terms {name: {weight, ...}} (configs/ckd.py); none here
 
     c.scratch_baseline = False
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))

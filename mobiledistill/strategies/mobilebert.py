@@ -43,7 +43,17 @@ def _transfer_losses(c, pairs) -> dict[str, dict[str, Any]]:
 
 
 def _pd_losses(c) -> dict[str, dict[str, Any]]:
-    return {"mlm_distill": dict(alpha=c.pd.alpha, temperature=c.pd.temperature), "nsp": {}}
+    """MLM distillation + NSP, plus any `c.pd.relations` terms ({name: {weight, ...}}: CKD's task-agnostic
+    relations; empty by default)."""
+    losses = {"mlm_distill": dict(alpha=c.pd.alpha, temperature=c.pd.temperature), "nsp": {}}
+    relations = c.pd.get("relations") or {}
+    for name, spec in relations.items():
+        spec = dict(spec)
+        if name in losses:
+            raise ValueError(f"pd.relations.{name} would replace a PD loss term")
+        if float(spec.get("weight", 1.0)):
+            losses[name] = spec
+    return losses
 
 
 def _lamb(c_section, total_steps: int, schedule: str, **kw) -> OptimizerConfig:
