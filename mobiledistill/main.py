@@ -8,6 +8,7 @@ checkpoint. `--dry_run` prints the stage plan, sizes, FLOPs and a memory estimat
 Exit codes: 0 done, 2 bad input (one line saying what and what is valid), 3 preempted by SIGTERM (re-run to continue).
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -44,20 +45,23 @@ def main(argv):
     c = _CONFIG.value
     if c is None:
         _fail("--config is required, e.g. --config=configs/progressive.py:local")
+    workdir = _WORKDIR.value
+    if workdir and "://" not in workdir:
+        workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; gs:// URLs stay as they are
     try:
         if c.get("kind") == "finetune":  # GLUE / SQuAD fine-tuning and task distillation (configs/finetune_*.py)
             from mobiledistill import finetune
-            if _DRY_RUN.value or not _WORKDIR.value:
+            if _DRY_RUN.value or not workdir:
                 _fail("fine-tuning configs need --workdir (and have no --dry_run)")
             sharding.initialize_distributed()
-            finetune.run(c, _WORKDIR.value, allow_config_change=_ALLOW.value)
+            finetune.run(c, workdir, allow_config_change=_ALLOW.value)
             return
         if c.get("kind") == "peakd":  # Pea-KD: PTP then PKD stage (configs/peakd.py)
             from mobiledistill.strategies import peakd
-            if _DRY_RUN.value or not _WORKDIR.value:
+            if _DRY_RUN.value or not workdir:
                 _fail("Pea-KD configs need --workdir (and have no --dry_run)")
             sharding.initialize_distributed()
-            peakd.run(c, _WORKDIR.value)
+            peakd.run(c, workdir)
             return
         if _DRY_RUN.value:
             import jax
@@ -65,10 +69,10 @@ def main(argv):
             teacher, student, stages = pipeline.plan(c, devices)
             print(pipeline.describe(c, teacher, student, stages, devices))
             return
-        if not _WORKDIR.value:
+        if not workdir:
             _fail("--workdir is required (a local directory or gs://bucket/path)")
         sharding.initialize_distributed()
-        pipeline.run(c, _WORKDIR.value, allow_config_change=_ALLOW.value)
+        pipeline.run(c, workdir, allow_config_change=_ALLOW.value)
     except Preempted as e:
         _fail(str(e), code=3)
     except (ConfigError, DataError, CheckpointError, ConversionError, NonFiniteLoss, ValueError) as e:

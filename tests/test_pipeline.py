@@ -49,9 +49,11 @@ def env(devices=1, **extra):
     return e
 
 
-def main(args, workdir=None, timeout=600, **env_kw):
+def main(args, workdir=None, timeout=600, cwd=REPO, **env_kw):
     cmd = [sys.executable, "-m", "mobiledistill.main", *args] + ([f"--workdir={workdir}"] if workdir else [])
-    return subprocess.run(cmd, cwd=REPO, env=env(**env_kw), capture_output=True, text=True, timeout=timeout)
+    e = env(**env_kw)
+    e["PYTHONPATH"] = REPO
+    return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def final_params(workdir, stage, step):
@@ -145,6 +147,16 @@ def test_nonfinite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(vocab
     saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "teacher", "checkpoints")) if d.isdigit())
     assert saved and saved[-1] == good
     assert not os.path.exists(os.path.join(workdir, "teacher", "done.json"))
+
+
+def test_relative_workdir(vocab, tmp_path):
+    """The README runs `--workdir=runs/local`: relative paths are made absolute (Orbax requires it)."""
+    args = tiny(vocab, "--config.teacher.steps=2", "--config.train.log_every=1",
+                config=os.path.join(REPO, "configs", "teacher.py") + ":local")
+    r = main(args, "runs/rel", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(tmp_path / "runs" / "rel" / "teacher" / "done.json")
+    assert os.path.exists(tmp_path / "runs" / "rel" / "report.md")
 
 
 def test_one_and_eight_devices_give_the_same_losses(vocab, tmp_path):
