@@ -1,6 +1,8 @@
 """Tokeniser: training and caching, vocab validation, loading from files, plain-text encoding."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,20 @@ def test_trained_vocab_has_specials_first_and_is_cached():
     again = trained_tokenizer(None, vocab_dir(), corpus_name=corpus().name, vocab_size=VOCAB_SIZE)
     assert again.fingerprint == tok.fingerprint
     assert os.stat(vocab_path).st_mtime_ns == mtime
+
+
+def test_training_on_the_same_corpus_gives_the_same_ids_in_every_process():
+    """`tokenizers` numbers trained tokens in hash-map order (random per process); ours are canonical."""
+    script = (
+        "import hashlib, sys; sys.path.insert(0, 'tests'); from _data_helpers import corpus; "
+        "from mobiledistill.data import train_wordpiece; "
+        "docs = [d for d in corpus().documents if len(d) > 400][:300]; "
+        "t = train_wordpiece(docs, vocab_size=500); "
+        "print(hashlib.sha256(repr(sorted(t.backend.get_vocab().items())).encode()).hexdigest())"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = lambda: subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    assert len({run().stdout for _ in range(3)}) == 1
 
 
 def test_cache_trained_with_other_settings_is_refused_not_overwritten():

@@ -216,8 +216,12 @@ def train_wordpiece(
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
-    vocab = backend.get_vocab()
-    validate_vocab(vocab, "trained vocabulary")
+    trained = backend.get_vocab()
+    validate_vocab(trained, "trained vocabulary")
+    # The trainer numbers tokens in hash-map order, which changes from process to process; WordPiece encoding is
+    # longest-match and does not depend on ids, so a canonical order makes the same corpus give the same ids.
+    rest = sorted(set(trained) - set(SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), len(t), t))
+    vocab = {token: i for i, token in enumerate(list(SPECIAL_TOKENS) + rest)}
     return WordPiece(_bert_wordpiece(vocab, lowercase), source="trained")
 
 
