@@ -10,6 +10,8 @@
     MobileBERT to layer k, the paper's losses and LAMB).
 (c) Pre-training distillation step (full teacher forward + full student train step).
 (d) Compile time of the 24-layer MobileBERT train step, layers scanned vs unrolled.
+Part (a) also profiles our 20-prediction step: every dot of its optimised HLO timed alone at its shapes (the matmul
+floor) vs the whole step, and the bytes XLA says it touches vs the measured memory bandwidth.
 Every step reports the median ms over repeats, sequences/s, MFU of the student (3 x forward FLOPs) and in total
 (+ the teacher's forward) against the f32 matmul peak measured in the same run, XLA's compiled memory analysis and
 the process peak RSS. Writes benchmarks/results/train_step.json (updated after every measurement).
@@ -89,8 +91,8 @@ def memory(compiled) -> dict:
         return {"error": str(e)}
 
 
-def time_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, repeats: int = 5, seed: int = 0) -> dict:
-    """Compile and time one jitted train step; returns timings, FLOPs and memory."""
+def compile_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, seed: int = 0):
+    """(compiled train step, its arguments, compile seconds)."""
     graphdef, params = nnx.split(PreTrainingModel(cfg, nnx.Rngs(seed)), nnx.Param)
     t_graphdef = t_params = None
     if teacher_cfg is not None:
@@ -98,10 +100,19 @@ def time_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, repeats
     tx, step = steps.make_train_step(stage, graphdef, params, t_graphdef)
     opt_state = tx.init(params)
     batch = {k: jnp.asarray(v) for k, v in make_batch(cfg.vocab_size, predictions, seed).items()}
-    key = jax.random.key(0)
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, t_params, batch, key).compile()
-    compile_s = time.perf_counter() - t0
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, t_params, batch, jax.random.key(0))
+    compiled = compiled.compile()
+    return compiled, (params, opt_state, t_params, batch), time.perf_counter() - t0
+
+
+def time_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, repeats: int = 5, seed: int = 0,
+              profile_peak: float | None = None) -> dict:
+    """Compile and time one jitted train step; returns timings, FLOPs and memory (and `profile` against
+    `profile_peak` FLOP/s when given)."""
+    compiled, (params, opt_state, t_params, batch), compile_s = compile_ours(stage, cfg, teacher_cfg, predictions,
+                                                                             seed)
+    key = jax.random.key(0)
     times = []
     for i in range(repeats + 1):
         t = time.perf_counter()
@@ -111,8 +122,54 @@ def time_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, repeats
             times.append(time.perf_counter() - t)
     if not np.isfinite(float(metrics["loss"])):
         raise RuntimeError(f"non-finite loss in {stage.name}")
-    return dict(compile_s=compile_s, times_ms=[1e3 * t for t in times], median_ms=1e3 * statistics.median(times),
-                loss=float(metrics["loss"]), memory=memory(compiled), rss_mb=rss_mb())
+    out = dict(compile_s=compile_s, times_ms=[1e3 * t for t in times], median_ms=1e3 * statistics.median(times),
+               loss=float(metrics["loss"]), memory=memory(compiled), rss_mb=rss_mb())
+    if profile_peak:
+        out["profile"] = profile(compiled, out["median_ms"], profile_peak)
+    return out
+
+
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+
+
+def memory_bandwidth(n: int = 1 << 26, repeats: int = 5) -> float:
+    """Bytes/s of a large elementwise op (read + write), the roofline for the non-matmul part of a step."""
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.5)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 8.0 * n / statistics.median(times)
+
+
+def profile(compiled, step_ms: float, peak: float, top: int = 12) -> dict:
+    """Where the step's time goes: every dot of the optimised HLO timed standalone at its own shapes (the matmul
+    floor XLA's CPU kernels allow) vs the whole step; the rest is elementwise work, layout copies and reductions,
+    bounded by the bytes XLA says the step touches over the measured memory bandwidth."""
+    groups: dict = {}
+    for d in perf.hlo_dots(compiled.as_text()):
+        key = (d["dtype"], d["lhs"], d["rhs"], d["dims"])
+        groups.setdefault(key, dict(d, count=0))["count"] += 1
+    rows = []
+    for (dtype, lhs, rhs, dims), d in groups.items():
+        sec = perf.time_dot(lhs, rhs, dims, DTYPES.get(dtype, jnp.float32))
+        rows.append(dict(lhs=list(lhs), rhs=list(rhs), count=d["count"], gflop=d["count"] * d["flops"] / 1e9,
+                         ms=1e3 * d["count"] * sec, fraction_of_peak=d["flops"] / sec / peak))
+    rows.sort(key=lambda r: -r["ms"])
+    dot_ms, dot_gflop = sum(r["ms"] for r in rows), sum(r["gflop"] for r in rows)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    bandwidth = memory_bandwidth()
+    rest_bytes = float(cost.get("bytes accessed", 0.0))
+    # dot_fraction_of_peak: the MFU the step would reach if it were nothing but its matmuls
+    return dict(step_ms=step_ms, dot_shapes=len(rows), dot_instructions=sum(r["count"] for r in rows),
+                dot_gflop=dot_gflop, dot_ms_standalone=dot_ms, dot_fraction_of_peak=dot_gflop * 1e12 / dot_ms / peak,
+                rest_ms=step_ms - dot_ms, xla_bytes_accessed_gb=rest_bytes / 1e9,
+                memory_bandwidth_gbps=bandwidth / 1e9, bytes_floor_ms=1e3 * rest_bytes / bandwidth,
+                top_dots=rows[:top])
 
 
 def rates(result: dict, student_flops: float, teacher_flops: float, peak: float) -> dict:
@@ -205,8 +262,8 @@ def main():
         res = {}
         res["ours_all_positions"] = rates(time_ours(mlm_stage(), student, predictions=S, repeats=args.repeats),
                                           flops_all, 0.0, peak)
-        res["ours_20_predictions"] = rates(time_ours(mlm_stage(), student, predictions=P, repeats=args.repeats),
-                                           flops_20, 0.0, peak)
+        res["ours_20_predictions"] = rates(time_ours(mlm_stage(), student, predictions=P, repeats=args.repeats,
+                                                     profile_peak=peak), flops_20, 0.0, peak)
         res["ours_20_predictions_scan"] = rates(time_ours(mlm_stage(), student.replace(scan_layers=True),
                                                           predictions=P, repeats=args.repeats), flops_20, 0.0, peak)
         res["torch_eager_all_positions"] = rates(time_torch(student, args.repeats, False), flops_all, 0.0, peak)
@@ -225,6 +282,11 @@ def main():
         for name, r in res.items():
             if "median_ms" in r:
                 show(f"(a) {name}", r)
+        prof = res["ours_20_predictions"]["profile"]
+        print(f"(a) profile: {prof['dot_instructions']} dots ({prof['dot_gflop']:.0f} GFLOP) take "
+              f"{prof['dot_ms_standalone']:.0f} ms standalone ({100 * prof['dot_fraction_of_peak']:.0f}% of peak) of "
+              f"the {prof['step_ms']:.0f} ms step; the rest touches {prof['xla_bytes_accessed_gb']:.1f} GB "
+              f"(>= {prof['bytes_floor_ms']:.0f} ms at {prof['memory_bandwidth_gbps']:.1f} GB/s)", flush=True)
         save()
 
     teacher = tstages = None

@@ -7,6 +7,7 @@ and `mfu_total` are reported.
 
 from __future__ import annotations
 
+import re
 import time
 
 import jax
@@ -79,3 +80,47 @@ def memory_estimate(stage: Stage, trained: EncoderConfig, teacher: EncoderConfig
     }
     out["total"] = sum(out.values())
     return out
+
+
+_SHAPE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]", re.M)
+_DOT = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)$", re.M)
+
+
+def _dims(attrs: str, name: str) -> tuple[int, ...]:
+    m = re.search(name + r"=\{([\d,]*)\}", attrs)
+    return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+
+
+def hlo_dots(hlo_text: str) -> list[dict]:
+    """The dot instructions of an optimised HLO module: operand shapes, dimension numbers and FLOPs.
+
+    Used to split a step's time into matmuls and the rest (a dot inside a while loop is listed once).
+    """
+    shapes = {m.group(1): tuple(int(d) for d in m.group(3).split(",") if d) for m in _SHAPE.finditer(hlo_text)}
+    dots = []
+    for m in _DOT.finditer(hlo_text):
+        out = tuple(int(d) for d in m.group(3).split(",") if d)
+        lhs, rhs, attrs = shapes[m.group(4)], shapes[m.group(5)], m.group(6)
+        dims = ((_dims(attrs, "lhs_contracting_dims"), _dims(attrs, "rhs_contracting_dims")),
+                (_dims(attrs, "lhs_batch_dims"), _dims(attrs, "rhs_batch_dims")))
+        contracted = 1
+        for d in dims[0][0]:
+            contracted *= lhs[d]
+        flops = 2.0 * contracted
+        for d in out:
+            flops *= d
+        dots.append(dict(name=m.group(1), dtype=m.group(2), lhs=lhs, rhs=rhs, out=out, dims=dims, flops=flops))
+    return dots
+
+
+def time_dot(lhs: tuple[int, ...], rhs: tuple[int, ...], dims, dtype=jnp.float32, repeats: int = 5) -> float:
+    """Median seconds of one standalone `lax.dot_general` with these shapes on the default device."""
+    a, b = jnp.ones(lhs, dtype), jnp.ones(rhs, dtype)
+    f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, dims))
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]

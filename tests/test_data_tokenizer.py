@@ -32,8 +32,9 @@ def test_training_on_the_same_corpus_gives_the_same_ids_in_every_process():
         "print(hashlib.sha256(repr(sorted(t.backend.get_vocab().items())).encode()).hexdigest())"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = lambda: subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
-    assert len({run().stdout for _ in range(3)}) == 1
+    runs = [subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+            for _ in range(3)]
+    assert len({r.stdout for r in runs}) == 1
 
 
 def test_cache_trained_with_other_settings_is_refused_not_overwritten():
