@@ -9,9 +9,10 @@
 (b) Progressive knowledge transfer step at layers k = 0, 11, 23 (IB-BERT_LARGE teacher forward to layer k, student
     MobileBERT to layer k, the paper's losses and LAMB).
 (c) Pre-training distillation step (full teacher forward + full student train step).
-(d) Compile time of the 24-layer MobileBERT train step, layers scanned vs unrolled.
+(d) Compile time of the 24-layer MobileBERT train step, layers scanned vs unrolled (and scanned with SGD instead of
+    AdamW, to separate the optimizer update's share).
 Part (a) also profiles our 20-prediction step: every dot of its optimised HLO timed alone at its shapes (the matmul
-floor) vs the whole step, and the bytes XLA says it touches vs the measured memory bandwidth.
+floor) vs the whole step.
 Every step reports the median ms over repeats, sequences/s, MFU of the student (3 x forward FLOPs) and in total
 (+ the teacher's forward) against the f32 matmul peak measured in the same run, XLA's compiled memory analysis and
 the process peak RSS. Writes benchmarks/results/train_step.json (updated after every measurement).
@@ -37,6 +38,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mobiledistill import config as config_lib  # noqa: E402
@@ -132,23 +134,9 @@ def time_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, repeats
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
-def memory_bandwidth(n: int = 1 << 26, repeats: int = 5) -> float:
-    """Bytes/s of a large elementwise op (read + write), the roofline for the non-matmul part of a step."""
-    x = jnp.ones((n,), jnp.float32)
-    f = jax.jit(lambda a: a * 1.5)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 8.0 * n / statistics.median(times)
-
-
 def profile(compiled, step_ms: float, peak: float, top: int = 12) -> dict:
     """Where the step's time goes: every dot of the optimised HLO timed standalone at its own shapes (the matmul
-    floor XLA's CPU kernels allow) vs the whole step; the rest is elementwise work, layout copies and reductions,
-    bounded by the bytes XLA says the step touches over the measured memory bandwidth."""
+    floor XLA's CPU kernels allow) vs the whole step; the rest is elementwise work, layout copies and reductions."""
     groups: dict = {}
     for d in perf.hlo_dots(compiled.as_text()):
         key = (d["dtype"], d["lhs"], d["rhs"], d["dims"])
@@ -156,19 +144,17 @@ def profile(compiled, step_ms: float, peak: float, top: int = 12) -> dict:
     rows = []
     for (dtype, lhs, rhs, dims), d in groups.items():
         sec = perf.time_dot(lhs, rhs, dims, DTYPES.get(dtype, jnp.float32))
-        rows.append(dict(lhs=list(lhs), rhs=list(rhs), count=d["count"], gflop=d["count"] * d["flops"] / 1e9,
+        rows.append(dict(lhs=list(lhs), rhs=list(rhs), contracting=[list(dims[0][0]), list(dims[0][1])],
+                         count=d["count"], gflop=d["count"] * d["flops"] / 1e9,
                          ms=1e3 * d["count"] * sec, fraction_of_peak=d["flops"] / sec / peak))
     rows.sort(key=lambda r: -r["ms"])
     dot_ms, dot_gflop = sum(r["ms"] for r in rows), sum(r["gflop"] for r in rows)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    bandwidth = memory_bandwidth()
-    rest_bytes = float(cost.get("bytes accessed", 0.0))
     # dot_fraction_of_peak: the MFU the step would reach if it were nothing but its matmuls
     return dict(step_ms=step_ms, dot_shapes=len(rows), dot_instructions=sum(r["count"] for r in rows),
                 dot_gflop=dot_gflop, dot_ms_standalone=dot_ms, dot_fraction_of_peak=dot_gflop * 1e12 / dot_ms / peak,
-                rest_ms=step_ms - dot_ms, xla_bytes_accessed_gb=rest_bytes / 1e9,
-                memory_bandwidth_gbps=bandwidth / 1e9, bytes_floor_ms=1e3 * rest_bytes / bandwidth,
+                rest_ms=step_ms - dot_ms, xla_bytes_accessed_gb=float(cost.get("bytes accessed", 0.0)) / 1e9,
                 top_dots=rows[:top])
 
 
@@ -285,8 +271,7 @@ def main():
         prof = res["ours_20_predictions"]["profile"]
         print(f"(a) profile: {prof['dot_instructions']} dots ({prof['dot_gflop']:.0f} GFLOP) take "
               f"{prof['dot_ms_standalone']:.0f} ms standalone ({100 * prof['dot_fraction_of_peak']:.0f}% of peak) of "
-              f"the {prof['step_ms']:.0f} ms step; the rest touches {prof['xla_bytes_accessed_gb']:.1f} GB "
-              f"(>= {prof['bytes_floor_ms']:.0f} ms at {prof['memory_bandwidth_gbps']:.1f} GB/s)", flush=True)
+              f"the {prof['step_ms']:.0f} ms step", flush=True)
         save()
 
     teacher = tstages = None
@@ -312,20 +297,23 @@ def main():
         save()
     if "d" in parts:
         res = {}
-        for scan in (True, False):
+        # The last variant swaps AdamW for plain SGD (no optimizer state): the difference is the compile cost of
+        # the per-leaf optimizer update over the per-layer parameters.
+        for name, scan, tx in (("scanned", True, None), ("unrolled", False, None),
+                               ("scanned_sgd", True, optax.sgd(1e-4))):
             cfg = student.replace(scan_layers=scan)
-            graphdef, params = nnx.split(nnx.eval_shape(lambda: PreTrainingModel(cfg, nnx.Rngs(0))), nnx.Param)
-            tx, step = steps.make_train_step(mlm_stage(), graphdef, params)
+            graphdef, params = nnx.split(nnx.eval_shape(lambda cfg=cfg: PreTrainingModel(cfg, nnx.Rngs(0))),
+                                         nnx.Param)
+            tx, step = steps.make_train_step(mlm_stage(), graphdef, params, tx=tx)
             batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in make_batch(cfg.vocab_size, P).items()}
             t0 = time.perf_counter()
             lowered = jax.jit(step).lower(params, jax.eval_shape(tx.init, params), None, batch, jax.random.key(0))
             t1 = time.perf_counter()
             compiled = lowered.compile()
             t2 = time.perf_counter()
-            res["scanned" if scan else "unrolled"] = dict(trace_lower_s=t1 - t0, compile_s=t2 - t1,
-                                                          total_s=t2 - t0, memory=memory(compiled))
-            print(f"(d) 24 layers {'scanned' if scan else 'unrolled'}: trace+lower {t1 - t0:.1f} s, "
-                  f"compile {t2 - t1:.1f} s", flush=True)
+            res[name] = dict(trace_lower_s=t1 - t0, compile_s=t2 - t1, total_s=t2 - t0, memory=memory(compiled),
+                             hlo_lines=len(compiled.as_text().splitlines()))
+            print(f"(d) 24 layers {name}: trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s", flush=True)
         out["d_compile_24_layers"] = res
         save()
     out["peak_rss_mb"] = rss_mb()
