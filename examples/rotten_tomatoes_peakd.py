@@ -9,7 +9,8 @@ training sentences, seq 64, over `--seeds`:
   peakd  Pea-KD: SPS 'paired' student (3 distinct layers, 6 effective), PTP stage (4-way teacher-derived labels,
          `--ptp_epochs`, seed 0) then PKD (0.3 CE + 0.7 T^2 KL at T 10) from the PTP encoder. The patience term is
          off: it compares [CLS] states of equal width, and the student is 128-wide vs the teacher's 384.
-  ckd    plain KD + CKD's four relation terms (WR/LTR pair + angle, 'emb+skip' matching) with the sst2 weights.
+  ckd    plain KD + CKD's four relation terms (WR/LTR pair + angle, 'emb+skip' matching) with the sst2 weights;
+         ckd@S scales the four relation weights by S (e.g. ckd@0.01).
 Writes `OUT/compare.json` and `OUT/compare.md` (dev accuracy mean ± std per method).
 """
 
@@ -55,10 +56,12 @@ def peakd(args, model_dir, teacher_dir, out):
     return finetune.run(pkd, os.path.join(out, "pkd"))
 
 
-def ckd(args, model_dir, teacher_dir, out):
+def ckd(args, model_dir, teacher_dir, out, scale=1.0):
+    """Plain KD + the four relation terms at `scale` x the official sst2 weights."""
     c = student_config(args, model_dir, teacher_dir)
     hp = ckd_task_hparams("sst2")
-    c.distill.extra_losses = ckd_relation_spec({k: hp[k] for k in ("wr_pair", "wr_angle", "ltr_pair", "ltr_angle")})
+    c.distill.extra_losses = ckd_relation_spec(
+        {k: scale * hp[k] for k in ("wr_pair", "wr_angle", "ltr_pair", "ltr_angle")})
     return finetune.run(c, out)
 
 
@@ -90,10 +93,12 @@ def main():
             runs = finetune.run(student_config(args, model_dir, teacher_dir), os.path.join(out, kd_dir))
         elif m == "peakd":
             runs = peakd(args, model_dir, teacher_dir, os.path.join(out, f"student_peakd_e{args.student_epochs}"))
-        elif m == "ckd":
-            runs = ckd(args, model_dir, teacher_dir, os.path.join(out, f"student_ckd_e{args.student_epochs}"))
+        elif m.startswith("ckd"):  # ckd = the official sst2 weights; ckd@0.01 = relation weights x 0.01
+            scale = float(m.split("@", 1)[1]) if "@" in m else 1.0
+            name = f"student_ckd_e{args.student_epochs}" + (f"_x{scale:g}" if scale != 1.0 else "")
+            runs = ckd(args, model_dir, teacher_dir, os.path.join(out, name), scale)
         else:
-            sys.exit(f"error: unknown method {m!r}; valid: kd, peakd, ckd")
+            sys.exit(f"error: unknown method {m!r}; valid: kd, peakd, ckd, ckd@<relation weight scale>")
         results[m] = {"summary": evaluate.summarize_seeds(list(runs.values()))["accuracy"],
                       "per_seed": [runs[s]["accuracy"] for s in sorted(runs)]}
         times[m] = time.time() - t
