@@ -8,6 +8,7 @@ plain `jax.jit` ("tree style").
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -61,10 +62,46 @@ def _sub_rng(rng: Optional[Array], site: int) -> Optional[Array]:
     return None if rng is None else jax.random.fold_in(rng, site)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel_matmul(x: Array, w: Array, precision) -> Array:
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _kernel_matmul_fwd(x, w, precision):
+    return _kernel_matmul(x, w, precision), (x, w)
+
+
+def _kernel_matmul_bwd(precision, res, g):
+    x, w = res
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+    # dW = x^T g contracts the tokens of both operands. XLA's CPU matmul runs this about 1.6x faster with an
+    # [out, in] result (PyTorch's weight layout), so compute dW^T and transpose it; the barrier stops XLA from
+    # folding the transpose back into the dot. Same products, same sums: the gradient is unchanged.
+    dwt = jax.lax.dot_general(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), (((0,), (0,)), ((), ())),
+                              precision=precision)
+    return dx, jax.lax.optimization_barrier(dwt).T
+
+
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
+
+
+def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+    """`lax.dot_general` for `nnx.Linear`; on CPU, x @ kernel gets the faster weight-gradient orientation above."""
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
+    plain = tuple(lhs_c) == (lhs.ndim - 1,) and tuple(rhs_c) == (0,) and rhs.ndim == 2 and not (lhs_b or rhs_b)
+    if (jax.default_backend() != "cpu" or not plain or preferred_element_type is not None
+            or out_sharding is not None):
+        kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type, **kw)
+    return _kernel_matmul(lhs, rhs, precision)
+
+
 def dense(cfg: EncoderConfig, fan_in: int, fan_out: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
     """A Linear with the BERT initialiser (normal, std = initializer_range) and the configured compute dtype."""
     return nnx.Linear(fan_in, fan_out, use_bias=use_bias, dtype=compute_dtype(cfg), param_dtype=jnp.float32,
-                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+                      kernel_init=nnx.initializers.normal(cfg.initializer_range), dot_general=linear_dot_general,
+                      rngs=rngs)
 
 
 class Norm(nnx.Module):
