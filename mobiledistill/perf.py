@@ -7,6 +7,7 @@ and `mfu_total` are reported.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 
@@ -41,15 +42,19 @@ def stage_flops(stage: Stage, trained: EncoderConfig, teacher: EncoderConfig | N
 def measured_matmul_peak(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
     """FLOP/s of a large square matmul on the default device, fastest of `repeats` (the CPU's practical peak: on a
     shared machine other work only ever slows a run down, so the median understates the peak and inflates MFU)."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+    return 2.0 * n ** 3 / min(_call_times(lambda x: x @ x, (jnp.ones((n, n), dtype),), repeats))
+
+
+def _call_times(fn, args: tuple, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of jitted `fn(*args)`, after one warm-up call that compiles it."""
+    f = jax.jit(fn)
+    f(*args).block_until_ready()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        f(a).block_until_ready()
+        f(*args).block_until_ready()
         times.append(time.perf_counter() - t)
-    return 2.0 * n ** 3 / min(times)
+    return times
 
 
 def peak_flops_per_device() -> tuple[float, str]:
@@ -87,9 +92,13 @@ _SHAPE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]", re.M)
 _DOT = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)$", re.M)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(",") if d)
+
+
 def _dims(attrs: str, name: str) -> tuple[int, ...]:
     m = re.search(name + r"=\{([\d,]*)\}", attrs)
-    return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+    return _ints(m.group(1)) if m else ()
 
 
 def hlo_dots(hlo_text: str) -> list[dict]:
@@ -97,31 +106,20 @@ def hlo_dots(hlo_text: str) -> list[dict]:
 
     Used to split a step's time into matmuls and the rest (a dot inside a while loop is listed once).
     """
-    shapes = {m.group(1): tuple(int(d) for d in m.group(3).split(",") if d) for m in _SHAPE.finditer(hlo_text)}
+    shapes = {m.group(1): _ints(m.group(3)) for m in _SHAPE.finditer(hlo_text)}
     dots = []
     for m in _DOT.finditer(hlo_text):
-        out = tuple(int(d) for d in m.group(3).split(",") if d)
+        out = _ints(m.group(3))
         lhs, rhs, attrs = shapes[m.group(4)], shapes[m.group(5)], m.group(6)
         dims = ((_dims(attrs, "lhs_contracting_dims"), _dims(attrs, "rhs_contracting_dims")),
                 (_dims(attrs, "lhs_batch_dims"), _dims(attrs, "rhs_batch_dims")))
-        contracted = 1
-        for d in dims[0][0]:
-            contracted *= lhs[d]
-        flops = 2.0 * contracted
-        for d in out:
-            flops *= d
+        flops = 2.0 * math.prod(lhs[d] for d in dims[0][0]) * math.prod(out)
         dots.append(dict(name=m.group(1), dtype=m.group(2), lhs=lhs, rhs=rhs, out=out, dims=dims, flops=flops))
     return dots
 
 
 def time_dot(lhs: tuple[int, ...], rhs: tuple[int, ...], dims, dtype=jnp.float32, repeats: int = 5) -> float:
     """Median seconds of one standalone `lax.dot_general` with these shapes on the default device."""
-    a, b = jnp.ones(lhs, dtype), jnp.ones(rhs, dtype)
-    f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, dims))
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
+    times = _call_times(lambda x, y: jax.lax.dot_general(x, y, dims), (jnp.ones(lhs, dtype), jnp.ones(rhs, dtype)),
+                        repeats)
     return sorted(times)[len(times) // 2]
