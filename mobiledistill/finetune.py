@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -76,7 +75,7 @@ from mobiledistill.models import (
 )
 from mobiledistill.optim import OptimizerConfig
 from mobiledistill.strategies.stage import Stage
-from mobiledistill.train import NonFiniteLoss, Preempted, SigtermFlag
+from mobiledistill.train import SigtermFlag, log_metrics, save_or_preempt
 
 SQUAD = "squad"
 # Teacher terms that need only the teacher's head outputs: their teacher can be run once and cached.
@@ -934,12 +933,7 @@ def train_seed(ctx: Context, seed: int, index: int) -> dict:
             epoch_end = done_steps % per_epoch == 0
             is_ckpt = (epoch_end or done_steps % c.train.checkpoint_every == 0) and done_steps < total
             if done_steps % c.train.log_every == 0 or epoch_end or ctx.sigterm.raised:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if c.train.nonfinite == "stop" and not all(math.isfinite(v) for v in host.values()):
-                    raise NonFiniteLoss(f"seed {seed}: non-finite loss/gradients at step {done_steps} ({host}); "
-                                        f"kept the last good checkpoint (step {last_good}); lower train.lr or set "
-                                        f"--config.train.nonfinite=skip")
-                log.log(done_steps, host)
+                log_metrics(log, done_steps, metrics, c.train.nonfinite, f"seed {seed}", last_good, "lower train.lr")
             if epoch_end and done_steps < total:
                 ev, _ = evaluate_params(ctx, graphdef, params)
                 log.event(f"epoch {done_steps // per_epoch}: {_eval_line(ev)}")
@@ -947,13 +941,8 @@ def train_seed(ctx: Context, seed: int, index: int) -> dict:
                     _keep_best_encoder(ctx, run_dir, params, ev, done_steps // per_epoch)
                 _append_jsonl(eval_log, {"step": done_steps, "epoch": done_steps // per_epoch,
                                          **_flat_metrics(ev)})
-            if is_ckpt or ctx.sigterm.raised:
-                checkpoints.save(done_steps, params, opt_state, data.get_state())
+            if save_or_preempt(checkpoints, done_steps, params, opt_state, data, is_ckpt, ctx.sigterm, f"seed {seed}"):
                 last_good = done_steps
-            if ctx.sigterm.raised:
-                checkpoints.wait()
-                raise Preempted(f"SIGTERM: seed {seed} checkpointed at step {done_steps}; re-run the same command "
-                                f"to continue")
         if checkpoints.latest_step() != total:
             checkpoints.save(total, params, opt_state, data.get_state())
         checkpoints.wait()

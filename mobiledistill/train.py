@@ -144,6 +144,26 @@ def _finite(metrics: dict) -> bool:
     return all(math.isfinite(float(v)) for k, v in metrics.items())
 
 
+def log_metrics(log, step: int, metrics, nonfinite: str, what: str, last_good: int | None, hint: str) -> None:
+    """Logs one step's metrics on the host; with `nonfinite='stop'` a non-finite value raises NonFiniteLoss."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not _finite(host) and nonfinite == "stop":
+        raise NonFiniteLoss(f"{what}: non-finite loss/gradients at step {step} ({host}); kept the last good "
+                            f"checkpoint (step {last_good}); {hint} or set --config.train.nonfinite=skip")
+    log.log(step, host)
+
+
+def save_or_preempt(checkpoints, step: int, params, opt_state, data, save: bool, sigterm, what: str) -> bool:
+    """Checkpoints when `save` or on SIGTERM and says whether it did; after a SIGTERM save, raises Preempted."""
+    if not (save or sigterm.raised):
+        return False
+    checkpoints.save(step, params, opt_state, data.get_state())
+    if sigterm.raised:
+        checkpoints.wait()
+        raise Preempted(f"SIGTERM: {what} checkpointed at step {step}; re-run the same command to continue")
+    return True
+
+
 def evaluate_mlm(ctx: RunContext, stage: Stage, graphdef, params, teacher) -> dict[str, float]:
     """Held-out MLM accuracy and the stage's losses over `train.eval_batches` fixed held-out batches."""
     teacher_graphdef, teacher_params = teacher
@@ -216,19 +236,10 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
             done = step + 1
             is_ckpt = done % c.train.checkpoint_every == 0 and done < stage.steps
             if done % c.train.log_every == 0 or done == stage.steps or is_ckpt or ctx.sigterm.raised:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not _finite(host) and c.train.nonfinite == "stop":
-                    raise NonFiniteLoss(f"stage {stage.name}: non-finite loss/gradients at step {done} ({host}); "
-                                        f"kept the last good checkpoint (step {last_good}); lower the learning "
-                                        f"rate or set --config.train.nonfinite=skip")
-                log.log(done, host)
-            if is_ckpt or ctx.sigterm.raised:
-                checkpoints.save(done, params, opt_state, data.get_state())
+                log_metrics(log, done, metrics, c.train.nonfinite, f"stage {stage.name}", last_good,
+                            "lower the learning rate")
+            if save_or_preempt(checkpoints, done, params, opt_state, data, is_ckpt, ctx.sigterm, f"stage {stage.name}"):
                 last_good = done
-            if ctx.sigterm.raised:
-                checkpoints.wait()
-                raise Preempted(f"SIGTERM: stage {stage.name} checkpointed at step {done}; re-run the same command "
-                                f"to continue")
             if fault == f"kill:{stage.name}:{done}":
                 checkpoints.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
