@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from _limits import SUBPROCESS_TIMEOUT
 
 from mobiledistill.config import pretraining_config
 from mobiledistill.losses.relations import ckd_task_hparams, ckd_task_loss_spec
@@ -44,7 +45,7 @@ def test_default_pd_losses_unchanged():
 
 def test_ckd_local_dry_run():
     r = subprocess.run([sys.executable, "-m", "mobiledistill.main", "--config=configs/ckd.py:local", "--dry_run"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     pd = [ln for ln in r.stdout.splitlines() if ln.startswith("pd ")]
     assert len(pd) == 1 and all(t in pd[0] for t in ("mlm_distill", "wr_pair", "wr_angle", "ltr_pair", "ltr_angle"))

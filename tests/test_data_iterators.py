@@ -9,6 +9,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from _limits import SUBPROCESS_TIMEOUT
 from _data_helpers import corpus, tokenizer, vocab_dir
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -86,7 +87,7 @@ def test_resume_in_a_fresh_process_continues_the_exact_stream(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

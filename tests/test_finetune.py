@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from _limits import SUBPROCESS_TIMEOUT
 import tensorflow_datasets as tfds
 
 from mobiledistill import finetune
@@ -128,7 +129,7 @@ def test_main_files_eval_mode_and_bad_input(tmp_path):
             f"--workdir={workdir}", "--config.data.source=files", f"--config.data.files.train={tmp_path}/train.tsv",
             f"--config.data.files.validation={tmp_path}/dev.tsv", "--config.seeds=(0,)"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert p.returncode == 0, p.stderr[-2000:]
     m = _metrics(str(workdir / "seed_0" / "validation_metrics.json"))
     assert {"accuracy", "f1", "score"} <= set(m) and _finite(m)
@@ -142,5 +143,5 @@ def test_main_files_eval_mode_and_bad_input(tmp_path):
 
     p = subprocess.run(args[:3] + ["--config=configs/finetune_glue.py:task=mrpc,tiny=1", f"--workdir={workdir}2",
                                    "--config.data.source=files"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=SUBPROCESS_TIMEOUT)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: data.source='files' needs")

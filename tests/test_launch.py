@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _limits import SUBPROCESS_TIMEOUT
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -48,7 +49,7 @@ def no_real_gcloud(tmp_path_factory):
 GUARD_PATH = []
 
 
-def sh(script, *args, env=None, timeout=30):
+def sh(script, *args, env=None, timeout=SUBPROCESS_TIMEOUT):
     full_env = dict(os.environ)
     if GUARD_PATH:
         full_env["PATH"] = GUARD_PATH[0]
@@ -408,7 +409,7 @@ if [[ $1 == venv ]]; then
 if [[ ${1:-} == -m ]]; then
   printf '%s\n' "$@" > "$HOME/main-args"
   pwd > "$HOME/main-cwd"
-  exec sleep 30
+  exec sleep 3600  # outlives the test on a busy machine; the fixture kills it
 fi
 exit 0
 PY

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+from _limits import SUBPROCESS_TIMEOUT
 
 from test_pipeline import REPO, env, tiny, vocab  # noqa: F401  (vocab is a fixture)
 
@@ -80,7 +81,7 @@ def test_two_processes_match_one(vocab, tmp_path):  # noqa: F811
                     JAX_PROCESS_ID=str(i)) for i in range(2)]
     procs.append(launch(args, single, STITCH_PROCESSES="2"))
     try:
-        results = [p.communicate(timeout=240) for p in procs]
+        results = [p.communicate(timeout=SUBPROCESS_TIMEOUT) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:

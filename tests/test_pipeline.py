@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from _limits import SUBPROCESS_TIMEOUT
 
 from mobiledistill.data import embedded_corpus, train_wordpiece
 
@@ -49,7 +50,7 @@ def env(devices=1, **extra):
     return e
 
 
-def main(args, workdir=None, timeout=600, cwd=REPO, **env_kw):
+def main(args, workdir=None, timeout=SUBPROCESS_TIMEOUT, cwd=REPO, **env_kw):
     cmd = [sys.executable, "-m", "mobiledistill.main", *args] + ([f"--workdir={workdir}"] if workdir else [])
     e = env(**env_kw)
     e["PYTHONPATH"] = REPO
@@ -123,7 +124,7 @@ def test_sigterm_saves_the_current_step_and_a_rerun_continues(vocab, tmp_path):
         if "[1/4 teacher] step 4/400" in line:
             proc.send_signal(signal.SIGTERM)
             break
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 3, err[-3000:]
     saved = json.loads(open(os.path.join(workdir, "config.json")).read())["teacher"]["steps"]
     assert saved == 400
