@@ -14,6 +14,7 @@ from ml_collections import config_dict
 
 from mobiledistill.models import EncoderConfig, preset
 
+PKT_LOSS_NORMALIZERS = ("mean", "num_layers", "stage")
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(EncoderConfig) if f.name not in ("layer_plan", "dtype"))
 
 
@@ -79,6 +80,12 @@ def pretraining_config() -> ml_collections.ConfigDict:
     c.pkt.mask_padding = True
     c.pkt.official_stats_bug = False
     c.pkt.bias_correction = True
+    # FMT's parameter-free LayerNorm eps: 1e-12 = the TF1 official code; the TF2 Model Garden recipe uses Keras's 1e-3.
+    c.pkt.ln_eps = 1e-12
+    # How a layer-wise stage's summed transfer terms are divided: 'mean' (over the stage's active layers; 1 in PKT),
+    # 'num_layers' (by the student depth L, the TF1 official code), 'stage' (by k + 1 in the stage whose deepest
+    # active student layer is k, the TF2 Model Garden recipe).
+    c.pkt.loss_normalizer = "mean"
 
     c.pd = ml_collections.ConfigDict()
     c.pd.steps = 500_000
@@ -157,6 +164,10 @@ def validate(c: ml_collections.ConfigDict, teacher: EncoderConfig, student: Enco
             bad(f"{section}.lr={c[section].lr} must be > 0")
     if not 0.0 <= c.pd.alpha <= 1.0:
         bad(f"pd.alpha={c.pd.alpha}; valid: 0 <= alpha <= 1")
+    if c.pkt.loss_normalizer not in PKT_LOSS_NORMALIZERS:
+        bad(f"pkt.loss_normalizer={c.pkt.loss_normalizer!r}; valid: {', '.join(PKT_LOSS_NORMALIZERS)}")
+    if not c.pkt.ln_eps > 0:
+        bad(f"pkt.ln_eps={c.pkt.ln_eps} must be > 0")
     if c.pkt.lower_layer_scale < 0:
         bad(f"pkt.lower_layer_scale={c.pkt.lower_layer_scale} must be >= 0 (0 = hard freeze)")
     if c.data.heldout_every < 2:

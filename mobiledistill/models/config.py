@@ -152,7 +152,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, embedding_size=128, trigram_input=True,
         use_bottleneck=True, intra_bottleneck_size=1024, use_bottleneck_attention=False,
         key_query_shared_bottleneck=False, num_feedforward_networks=1, normalization_type="layer_norm",
-        classifier_activation=True,
+        classifier_activation=True, hf_eps_quirk=False,  # transformers cannot build IB-BERT: no quirk to match
     ),
     "mobilebert": _MOBILEBERT,
     "mobilebert_tiny": dict(num_feedforward_networks=2, use_bottleneck_attention=True,

@@ -35,10 +35,21 @@ def layer_map(teacher: EncoderConfig, student: EncoderConfig) -> list[tuple[int,
     return [((k + 1) * lt // ls - 1, k) for k in range(ls)]
 
 
-def _transfer_losses(c, pairs) -> dict[str, dict[str, Any]]:
+def _loss_normalizer(c, pairs, student_layers: int) -> int | None:
+    """`layer_normalizer` of a stage's transfer terms from `pkt.loss_normalizer` (see config.py)."""
+    mode = c.pkt.get("loss_normalizer", "mean")
+    if mode == "num_layers":
+        return int(student_layers)
+    if mode == "stage":
+        return max(sk for _, sk in pairs) + 1
+    return None
+
+
+def _transfer_losses(c, pairs, student_layers: int) -> dict[str, dict[str, Any]]:
     w = c.pkt.weights
     opts = dict(layers=[list(p) for p in pairs], mask_padding=c.pkt.mask_padding,
-                official_stats_bug=c.pkt.official_stats_bug)
+                official_stats_bug=c.pkt.official_stats_bug, ln_eps=float(c.pkt.get("ln_eps", 1e-12)),
+                layer_normalizer=_loss_normalizer(c, pairs, student_layers))
     return {name: dict(weight=float(w[name]), **opts) for name in ("fmt", "at", "beta", "gamma") if w[name]}
 
 
@@ -88,7 +99,8 @@ def progressive(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage
         name = f"pkt_{sk:02d}"
         rules = progressive_lr_rules(sk, c.pkt.lower_layer_scale)
         opt = _lamb(c.pkt, c.pkt.steps_per_layer, "constant", lr_scales=tuple(rules), default_lr_scale=0.0)
-        stages.append(Stage(name, c.pkt.steps_per_layer, _transfer_losses(c, [(tk, sk)]), opt,
+        losses = _transfer_losses(c, [(tk, sk)], student.num_hidden_layers)
+        stages.append(Stage(name, c.pkt.steps_per_layer, losses, opt,
                             init="teacher_copy" if previous is None else "previous", init_from=previous,
                             teacher_from=_teacher_ref(c), num_layers=sk + 1,
                             teacher_num_layers=None if c.pkt.official_stats_bug else tk + 1))
@@ -100,14 +112,15 @@ def joint(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage]:
     """All layers' transfer losses together in one stage with the same total step budget."""
     steps = c.pkt.steps_per_layer * student.num_hidden_layers
     opt = _lamb(c.pkt, steps, "constant", lr_scales=TRANSFER_TRAINS, default_lr_scale=0.0)
-    return [Stage("jkt", steps, _transfer_losses(c, layer_map(teacher, student)), opt, init="teacher_copy",
+    losses = _transfer_losses(c, layer_map(teacher, student), student.num_hidden_layers)
+    return [Stage("jkt", steps, losses, opt, init="teacher_copy",
                   teacher_from=_teacher_ref(c))]
 
 
 def auxiliary(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage]:
     """One stage: all layers' transfer losses plus the pre-training distillation loss; all parameters train."""
     steps = c.pd.steps
-    losses = {**_transfer_losses(c, layer_map(teacher, student)), **_pd_losses(c)}
+    losses = {**_transfer_losses(c, layer_map(teacher, student), student.num_hidden_layers), **_pd_losses(c)}
     opt = _lamb(c.pd, steps, "warmup_linear", end_lr_ratio=c.pd.end_lr_ratio)
     return [Stage("akt", steps, losses, opt, init="teacher_copy", teacher_from=_teacher_ref(c), eval="mlm")]
 
