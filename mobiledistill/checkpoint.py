@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from typing import Any, Mapping, Optional
 
 import jax
@@ -22,6 +23,39 @@ from jax.experimental import multihost_utils
 
 class CheckpointError(RuntimeError):
     """Missing/corrupt checkpoints or a workdir that holds another experiment."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """One step's checkpoint cannot be read; `why` names the item and the error."""
+
+    def __init__(self, path, why: str):
+        super().__init__(f"cannot restore {path}: {why}")
+        self.why = why
+
+
+class WrongProcessCount(CheckpointError):
+    """A multi-host checkpoint resumed with another number of processes (not a corrupt checkpoint)."""
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr (a recovered problem; the run goes on)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (TensorStore errors run to pages)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, KeyError) and e.args:
+        text = str(e.args[0])
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _first_failure(why: str) -> str:
+    """`why` if any process failed (the first failure's text), else '': the processes agree on what to restore."""
+    if jax.process_count() == 1:
+        return why
+    return next((w for w in _gather_json(why) if w), "")
 
 
 def barrier(name: str) -> None:
@@ -38,6 +72,17 @@ def _gather_json(obj: Any) -> list:
     padded[:data.size] = data
     gathered = np.asarray(multihost_utils.process_allgather(padded))
     return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(gathered, np.asarray(sizes).reshape(-1))]
+
+
+def read_npz(path: epath.Path, what: str) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file (never unpickles); CheckpointError naming the file when it cannot be read."""
+    try:
+        with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} does not exist") from None
+    except Exception as e:  # BadZipFile, EOFError, ValueError (object arrays), zlib errors, OSError
+        raise CheckpointError(f"cannot read {what} {path}: {_one_line(e, 160)}") from None
 
 
 def _abstract(tree):
@@ -74,22 +119,66 @@ class StageCheckpoints:
 
     def restore(self, step: int, params_like, opt_state_like):
         """Restores into the structure, dtypes and shardings of the given (concrete or abstract) trees."""
-        try:
-            r = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(params_like)),
-                opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
-                data=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax raises several types for missing/corrupt/mismatched items
-            raise CheckpointError(f"cannot restore {self.dir / 'checkpoints' / str(step)}: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        data = r.data
+        path = self.dir / "checkpoints" / str(step)
+        r = {}
+        for item, args in (("params", lambda: ocp.args.StandardRestore(_abstract(params_like))),
+                           ("opt_state", lambda: ocp.args.StandardRestore(_abstract(opt_state_like))),
+                           ("data", ocp.args.JsonRestore)):
+            try:  # one item at a time, so that the message names the one that cannot be read
+                r[item] = getattr(self.manager.restore(step, args=ocp.args.Composite(**{item: args()})), item)
+            except Exception as e:  # orbax raises several types for missing/corrupt/mismatched items
+                raise UnreadableCheckpoint(path, f"item {item!r}: {_one_line(e)}") from e
+        data = r["data"]
         if "per_process" in data:
             if len(data["per_process"]) != jax.process_count():
-                raise CheckpointError(f"{self.dir / 'checkpoints' / str(step)} was saved by "
-                                      f"{len(data['per_process'])} processes, this run has {jax.process_count()} "
-                                      f"(resume with the same number of hosts)")
+                raise WrongProcessCount(f"{path} was saved by {len(data['per_process'])} processes, this run has "
+                                        f"{jax.process_count()} (resume with the same number of hosts)")
             data = data["per_process"][jax.process_index()]
-        return r.params, r.opt_state, data
+        return r["params"], r["opt_state"], data
+
+    def restore_latest(self, params_like, opt_state_like):
+        """(step, params, opt_state, data state) of the newest readable checkpoint; None when there is none.
+
+        A newer checkpoint that cannot be read (truncated file, bad metadata, missing item) is named in one warning
+        line and moved to `<stage>/unreadable_checkpoints/` (kept, not deleted: Orbax would otherwise refuse to save
+        that step again). With no readable checkpoint at all, raises CheckpointError and moves nothing.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        problems: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                restored, why = self.restore(step, params_like, opt_state_like), ""
+            except UnreadableCheckpoint as e:
+                restored, why = None, e.why
+            why = _first_failure(why)  # every process takes the same step
+            if why:
+                problems.append((step, why))
+                continue
+            if problems:
+                moved = [f"cannot read checkpoint {self.dir / 'checkpoints' / str(s)} ({w}), moved it to "
+                         f"{self._move_aside(s)}" for s, w in problems]
+                warn(f"{'; '.join(moved)}; resuming the stage from step {step}")
+            return (step, *restored)
+        if problems:
+            raise CheckpointError(f"no readable checkpoint in {self.dir / 'checkpoints'}: "
+                                  + "; ".join(f"step {s}: {w}" for s, w in problems)
+                                  + " (nothing was moved or deleted)")
+        return None
+
+    def _move_aside(self, step: int) -> epath.Path:
+        """Moves an unreadable step out of the manager's directory (process 0; every process then reloads)."""
+        src = self.dir / "checkpoints" / str(step)
+        dest_dir = self.dir / "unreadable_checkpoints"
+        dest = dest_dir / str(step)
+        n = 1
+        while dest.exists():
+            dest, n = dest_dir / f"{step}.{n}", n + 1
+        if jax.process_index() == 0:
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            src.rename(dest)
+        barrier(f"unreadable:{src}")
+        self.manager.reload()
+        return dest
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -107,9 +196,23 @@ class StageCheckpoints:
 
 
 def stage_done(stage_dir: str | epath.Path) -> Optional[dict]:
-    """The stage's completion summary, or None if it has not finished."""
+    """The stage's completion summary, or None if it has not finished.
+
+    An unreadable done.json (cut short, not JSON) counts as unfinished, with a warning: re-running the stage from
+    its checkpoints gives the same result and writes the marker again.
+    """
     path = epath.Path(stage_dir) / "done.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        done = json.loads(path.read_text())
+        if not isinstance(done, dict) or not isinstance(done.get("final_step"), int):
+            raise ValueError("no integer final_step")
+        return done
+    except (ValueError, UnicodeDecodeError) as e:
+        warn(f"{path} cannot be read ({_one_line(e, 120)}): the stage counts as unfinished and is completed again "
+             f"from its checkpoints")
+        return None
 
 
 def restore_final_params(stage_dir: str | epath.Path, params_like):
@@ -119,17 +222,20 @@ def restore_final_params(stage_dir: str | epath.Path, params_like):
     if done is None:
         raise CheckpointError(f"stage directory {stage_dir} has no finished stage (no done.json)")
     manager = ocp.CheckpointManager(stage_dir / "checkpoints", item_names=("params", "opt_state", "data"))
+    remedy = (f"delete {stage_dir / 'done.json'} to complete the stage again from its last readable checkpoint "
+              f"(the result is the same)")
     try:
         step = done["final_step"]
         if step not in manager.all_steps():
-            raise CheckpointError(f"{stage_dir}: final checkpoint {step} is missing (have {manager.all_steps()})")
+            raise CheckpointError(f"{stage_dir}: final checkpoint {step} is missing (have {manager.all_steps()}); "
+                                  f"{remedy}")
         return manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(params_like)))).params
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"cannot restore parameters from {stage_dir}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        raise CheckpointError(f"cannot restore parameters from {stage_dir / 'checkpoints' / str(done['final_step'])}"
+                              f": {_one_line(e)}; {remedy}") from e
     finally:
         manager.close()
 

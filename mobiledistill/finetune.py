@@ -486,9 +486,9 @@ def encoder_source(c, dtype: str) -> EncoderSource:
         workdir, run_dir = finished_run_dir(epath.Path(rest))
         info = read_model_json(workdir)
         cfg = _truncated(info["encoder"].replace(dtype=dtype), _model_overrides(c, _COPY_SETTABLE[1:]), c.init)
-        with (run_dir / "best_encoder.npz").open("rb") as f:  # host arrays: every seed copies them afresh
-            params = nnx.from_flat_state({tuple(int(q) if q.isdigit() else q for q in k.split("/")): v
-                                          for k, v in np.load(f).items()})
+        best = ckpt.read_npz(run_dir / "best_encoder.npz", "Pea-KD PTP encoder")  # host arrays: copied per seed
+        params = nnx.from_flat_state({tuple(int(q) if q.isdigit() else q for q in k.split("/")): v
+                                      for k, v in best.items()})
         return EncoderSource(cfg, params, info["tokenizer"], f"Pea-KD PTP encoder of {run_dir}")
     name = rest
     over = _model_overrides(c)
@@ -794,8 +794,14 @@ def _keep_best_encoder(ctx: Context, run_dir: epath.Path, params, metrics: Mappi
     """PTP: writes the encoder to best_encoder.npz when the mean dev loss is the lowest so far."""
     loss = float(np.mean([m["loss"] for m in metrics.values()]))
     info = run_dir / "best_encoder.json"
-    if info.exists() and json.loads(info.read_text())["loss"] <= loss:
-        return
+    if info.exists():
+        try:
+            best = float(json.loads(info.read_text())["loss"])
+        except (ValueError, KeyError, TypeError) as e:
+            ckpt.warn(f"{info} cannot be read ({type(e).__name__}): keeping this epoch's encoder as the best")
+            best = float("inf")
+        if best <= loss:
+            return
     if jax.process_index() == 0:
         flat = {"/".join(map(str, p)): np.asarray(jax.device_get(v.get_value() if hasattr(v, "get_value") else v))
                 for p, v in nnx.to_flat_state(params["encoder"])}
@@ -803,7 +809,7 @@ def _keep_best_encoder(ctx: Context, run_dir: epath.Path, params, metrics: Mappi
         with tmp.open("wb") as f:
             np.savez(f, **flat)
         tmp.replace(run_dir / "best_encoder.npz")
-        info.write_text(json.dumps({"loss": loss, "epoch": epoch}))
+        ckpt.write_json_atomic(info, {"loss": loss, "epoch": epoch})
 
 
 def initial_params(ctx: Context, seed: int) -> tuple[Any, nnx.State]:
@@ -827,8 +833,11 @@ def teacher_outputs(ctx: Context) -> dict[str, np.ndarray]:
     path = ctx.workdir / "teacher_logits.npz"
     key = f"{ctx.c.distill.teacher}|{len(ctx.data.train['input_ids'])}|{ctx.c.data.max_seq_length}"
     if path.exists():
-        with path.open("rb") as f:
-            cached = dict(np.load(f))
+        try:
+            cached = ckpt.read_npz(path, "teacher-logit cache")
+        except ckpt.CheckpointError as e:  # a cache: recompute it
+            ckpt.warn(f"{e}: computing the teacher's logits again")
+            cached = {}
         if str(cached.pop("key", "")) == key:
             return cached
     print(f"teacher ({t.description}): computing logits of {len(ctx.data.train['input_ids'])} training "
@@ -910,9 +919,10 @@ def train_seed(ctx: Context, seed: int, index: int) -> dict:
     t_params = teacher.params if use_teacher_forward else None
 
     checkpoints = ckpt.StageCheckpoints(run_dir, max_to_keep=c.train.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
-    if start:
-        restored, opt_state, data_state = checkpoints.restore(start, params, opt_state)
+    latest = checkpoints.restore_latest(params, opt_state)  # the newest readable checkpoint, if any
+    start = 0
+    if latest is not None:
+        start, restored, opt_state, data_state = latest
         params = _as_state(init, restored)
         data.set_state(data_state)
     seq = c.data.max_seq_length

@@ -204,11 +204,11 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
     data = PretrainingIterator(ctx.train_corpus, ctx.tokenizer, global_batch_size=c.train.global_batch,
                                config=ctx.data_config, seed=ctx.stage_seed(stage),
                                sharding=sharding.batch_sharding(ctx.mesh))
-    start = checkpoints.latest_step()
-    if start is not None:
-        like_p = _with_shardings(abstract, p_shard)
-        like_o = _with_shardings(jax.eval_shape(tx.init, abstract), o_shard)
-        params, opt_state, data_state = checkpoints.restore(start, like_p, like_o)
+    like_p = _with_shardings(abstract, p_shard)
+    like_o = _with_shardings(jax.eval_shape(tx.init, abstract), o_shard)
+    latest = checkpoints.restore_latest(like_p, like_o)  # the newest readable one; None in a new stage
+    if latest is not None:
+        start, params, opt_state, data_state = latest
         params = _as_state(abstract, params)
         data.set_state(data_state)
     else:

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 
@@ -252,6 +253,68 @@ def _broadcast_text(text: str | None) -> str:
     return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode("utf-8")
 
 
+def _with_checksum(settings: dict, vocab_text: str) -> dict:
+    return {**settings, "sha256": hashlib.sha256(vocab_text.encode("utf-8")).hexdigest()}
+
+
+def _cached_vocab(vocab_path: str, meta_path: str, settings: dict, lowercase: bool):
+    """(tokenizer, '', None) from a complete cache, else (None, what is wrong, the sha256 a retrained vocab must
+    have to be the one the cache held, or None when anything goes).
+
+    The metadata (with the vocab's checksum) is written after the vocab: without it the cache was never finished
+    and nothing used it. A cache trained with other settings raises DataError: it belongs to another experiment.
+    """
+    meta_name, vocab_name = os.path.basename(meta_path), os.path.basename(vocab_path)
+    with open(vocab_path, "rb") as f:
+        vocab_sha = hashlib.sha256(f.read()).hexdigest()
+    if not os.path.isfile(meta_path):
+        return None, f"{meta_name} is missing: the cache was not finished", None
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if not isinstance(cached, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, f"{meta_name} is not valid JSON ({type(e).__name__})", vocab_sha
+    checksum = cached.pop("sha256", None)
+    if cached != settings:
+        raise DataError(
+            f"{vocab_path} was trained with {cached}, not {settings}; use another cache directory or delete it to "
+            "retrain"
+        )
+    if checksum is not None and vocab_sha != checksum:
+        return None, f"{vocab_name} does not match the checksum in {meta_name}", checksum
+    try:
+        return load_vocab_file(vocab_path, lowercase=lowercase), "", None
+    except DataError as e:
+        return None, str(e), checksum
+
+
+def _retrain_cache(texts, cache_dir, vocab_path, meta_path, settings, why, must_be, **train_kw) -> WordPiece:
+    """Trains an unusable cache again; accepted only when it can be the vocab the cache held (checksum `must_be`).
+
+    WordPiece training breaks frequency ties in hash order, so a retrained vocab is not always the same: one that
+    differs from the recorded checksum is refused (the models in the workdir were trained with the old one).
+    """
+    if texts is None:
+        raise DataError(f"tokenizer cache {cache_dir} cannot be used ({why}) and no corpus was given to train it again")
+    tok = train_wordpiece(texts, **train_kw)
+    text = tok.vocab_text()
+    if must_be is not None and hashlib.sha256(text.encode("utf-8")).hexdigest() != must_be:
+        raise DataError(f"tokenizer cache {cache_dir} cannot be used ({why}) and training it again gave another vocab "
+                        f"(sha256 {must_be[:12]}... expected); restore {VOCAB_FILE} and {META_FILE} from a copy, or "
+                        f"start a new workdir")
+    for p in (vocab_path, meta_path):
+        if os.path.isfile(p):
+            os.replace(p, p + ".unreadable")
+    _atomic_write(vocab_path, text)
+    _atomic_write(meta_path, json.dumps(_with_checksum(settings, text), indent=1) + "\n")
+    print(f"warning: tokenizer cache {cache_dir} cannot be used ({why}): trained it again"
+          f"{' (same checksum)' if must_be else ''}; the old files are kept as *.unreadable", file=sys.stderr,
+          flush=True)
+    return load_vocab_file(vocab_path, lowercase=train_kw["lowercase"])
+
+
 def trained_tokenizer(
     texts: Iterable[str] | None,
     cache_dir: str,
@@ -272,24 +335,21 @@ def trained_tokenizer(
     index, count = _process_info()
     multi = count > 1
     if index == 0:
+        tok = None
         if os.path.isfile(vocab_path):
-            if os.path.isfile(meta_path):
-                with open(meta_path, encoding="utf-8") as f:
-                    cached = json.load(f)
-                if cached != settings:
-                    raise DataError(
-                        f"{vocab_path} was trained with {cached}, not {settings}; use another cache directory "
-                        "or delete it to retrain"
-                    )
-            tok = load_vocab_file(vocab_path, lowercase=lowercase)
-            log.info("re-using cached vocab %s (%d tokens)", vocab_path, tok.vocab_size)
-        else:
+            tok, why, must_be = _cached_vocab(vocab_path, meta_path, settings, lowercase)
+            if tok is not None:
+                log.info("re-using cached vocab %s (%d tokens)", vocab_path, tok.vocab_size)
+            else:
+                tok = _retrain_cache(texts, cache_dir, vocab_path, meta_path, settings, why, must_be,
+                                     vocab_size=vocab_size, lowercase=lowercase, min_frequency=min_frequency)
+        if tok is None:
             if texts is None:
                 raise DataError(f"{vocab_path} does not exist and no corpus was given to train a vocabulary on")
             tok = train_wordpiece(texts, vocab_size=vocab_size, lowercase=lowercase, min_frequency=min_frequency)
             os.makedirs(cache_dir, exist_ok=True)
             _atomic_write(vocab_path, tok.vocab_text())
-            _atomic_write(meta_path, json.dumps(settings, indent=1) + "\n")
+            _atomic_write(meta_path, json.dumps(_with_checksum(settings, tok.vocab_text()), indent=1) + "\n")
             tok = load_vocab_file(vocab_path, lowercase=lowercase)
             log.info("trained a %d-token vocab on %s, cached in %s", tok.vocab_size, corpus_name, vocab_path)
         if not multi:
@@ -301,5 +361,5 @@ def trained_tokenizer(
     if not os.path.isfile(vocab_path):
         os.makedirs(cache_dir, exist_ok=True)
         _atomic_write(vocab_path, text)
-        _atomic_write(meta_path, json.dumps(settings, indent=1) + "\n")
+        _atomic_write(meta_path, json.dumps(_with_checksum(settings, text), indent=1) + "\n")
     return WordPiece(_bert_wordpiece(vocab, lowercase), source=f"{vocab_path} (from process 0)")

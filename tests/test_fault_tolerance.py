@@ -1,0 +1,225 @@
+"""Fault tolerance: unreadable checkpoints, completion markers and caches are recovered from or refused in one
+line, and nothing already written is deleted.
+
+In-process tests corrupt small checkpoints written by `StageCheckpoints` itself in every way seen in practice
+(a data file cut short, truncated metadata, a missing item, bad JSON); the end-to-end test corrupts the checkpoints
+of a real tiny pipeline run and checks that the resumed run is bit-identical to an uninterrupted one.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from _limits import SUBPROCESS_TIMEOUT  # noqa: F401  (used by the subprocess tests below)
+
+from mobiledistill import checkpoint as ckpt
+
+
+def snapshot(root) -> dict:
+    """{path: (size, mtime_ns, sha256)} of every file under `root`."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[p] = (os.path.getsize(p), os.stat(p).st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
+    return out
+
+
+def truncate(path, size=None):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2 if size is None else size)
+
+
+def _trees(step):
+    params = {"dense": {"kernel": np.full((64, 48), step, np.float32), "bias": np.arange(48, dtype=np.float32) + step}}
+    opt = {"mu": np.full((64, 48), -step, np.float32), "count": np.array(step, np.int32)}
+    return params, opt
+
+
+def write_steps(stage_dir, steps=(1, 2, 3)):
+    cps = ckpt.StageCheckpoints(stage_dir, max_to_keep=5, async_save=False)
+    for s in steps:
+        params, opt = _trees(s)
+        cps.save(s, params, opt, {"position": s * 10})
+    cps.close()
+
+
+def corrupt_data_files(step_dir, item="params", size=None):
+    files = glob.glob(os.path.join(step_dir, item, "**", "d", "*"), recursive=True)
+    assert files
+    for p in files:
+        truncate(p, size)
+
+
+CORRUPTIONS = {
+    "data file cut short": (corrupt_data_files, "item 'params'"),
+    "data files emptied": (lambda d: corrupt_data_files(d, "opt_state", 0), "item 'opt_state'"),
+    "metadata cut short": (lambda d: truncate(os.path.join(d, "params", "_METADATA")), "JSONDecodeError"),
+    "manifest cut short": (lambda d: truncate(os.path.join(d, "opt_state", "manifest.ocdbt")), "item 'opt_state'"),
+    "missing item": (lambda d: shutil.rmtree(os.path.join(d, "params")), 'Item "params" was not found'),
+    "bad data-iterator JSON": (lambda d: truncate(os.path.join(d, "data", "metadata")), "item 'data'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, kind):
+    stage = str(tmp_path / "stage")
+    write_steps(stage)
+    corrupt, expected = CORRUPTIONS[kind]
+    corrupt(os.path.join(stage, "checkpoints", "3"))
+    before = snapshot(stage)
+
+    cps = ckpt.StageCheckpoints(stage, max_to_keep=5)
+    like = _trees(0)
+    step, params, opt, data = cps.restore_latest(*like)
+    assert step == 2 and data == {"position": 20}
+    np.testing.assert_array_equal(params["dense"]["kernel"], _trees(2)[0]["dense"]["kernel"])
+    np.testing.assert_array_equal(opt["mu"], _trees(2)[1]["mu"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("warning: cannot read checkpoint ") and os.path.join("checkpoints", "3") in lines[0]
+    assert expected in lines[0] and "resuming the stage from step 2" in lines[0]
+
+    # Moved aside, not deleted: every file is still there, byte for byte.
+    moved = os.path.join(stage, "unreadable_checkpoints", "3")
+    after = snapshot(stage)
+    renamed = {p.replace(os.path.join("checkpoints", "3"), os.path.join("unreadable_checkpoints", "3"), 1)
+               if os.path.join("checkpoints", "3") in p else p: (size, digest) for p, (size, _, digest) in before.items()}
+    assert {p: (size, digest) for p, (size, _, digest) in after.items()} == renamed
+    assert os.path.isdir(moved) and cps.latest_step() == 2
+
+    # Training goes on: step 3 is written again and read back.
+    cps.save(3, *_trees(3), {"position": 30})
+    cps.wait()
+    assert cps.restore_latest(*like)[0] == 3
+    cps.close()
+
+
+def test_no_readable_checkpoint_is_one_error_and_nothing_moves(tmp_path):
+    stage = str(tmp_path / "stage")
+    write_steps(stage, (1, 2))
+    for s in (1, 2):
+        corrupt_data_files(os.path.join(stage, "checkpoints", str(s)))
+    before = snapshot(stage)
+    cps = ckpt.StageCheckpoints(stage)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        cps.restore_latest(*_trees(0))
+    msg = str(info.value)
+    assert "\n" not in msg and "no readable checkpoint in" in msg
+    assert "step 2: item 'params'" in msg and "step 1: item 'params'" in msg and "nothing was moved or deleted" in msg
+    cps.close()
+    assert snapshot(stage) == before
+
+
+def test_a_new_stage_has_no_checkpoint(tmp_path):
+    cps = ckpt.StageCheckpoints(str(tmp_path / "fresh"))
+    assert cps.restore_latest(*_trees(0)) is None
+    cps.close()
+
+
+@pytest.mark.parametrize("content", [b'{"final_step": 12, "sta', b"", b"[1, 2]", b'{"final_step": "x"}', b"\xff\xfe"])
+def test_unreadable_done_json_counts_as_unfinished_with_a_warning(tmp_path, capsys, content):
+    (tmp_path / "done.json").write_bytes(content)
+    assert ckpt.stage_done(tmp_path) is None
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert line.startswith("warning: ") and str(tmp_path / "done.json") in line and "unfinished" in line
+    assert (tmp_path / "done.json").read_bytes() == content  # left for mark_done to replace atomically
+    (tmp_path / "done.json").write_text('{"final_step": 12}')
+    assert ckpt.stage_done(tmp_path) == {"final_step": 12}
+
+
+def test_read_npz_refuses_truncated_and_pickled_files(tmp_path):
+    good = tmp_path / "good.npz"
+    np.savez(good, a=np.arange(4), key=np.array("k"))
+    out = ckpt.read_npz(good, "cache")
+    assert list(out) == ["a", "key"] and str(out["key"]) == "k"
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, a=np.array([{"x": 1}], dtype=object))
+    for path in (cut, pickled):
+        with pytest.raises(ckpt.CheckpointError) as info:
+            ckpt.read_npz(path, "teacher-logit cache")
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.read_npz(tmp_path / "nope.npz", "Pea-KD PTP encoder")
+
+
+def _tokenizer_texts():
+    """Real prose: on a toy corpus WordPiece breaks frequency ties in hash order and a retrained vocab differs."""
+    from _data_helpers import corpus
+
+    return [d for d in corpus().documents if len(d) > 400][:300]
+
+
+TOKENIZER_DAMAGE = ["vocab cut short", "meta not JSON", "meta missing", "vocab not UTF-8"]
+
+
+def damage_tokenizer_cache(cache, damage):
+    vocab, meta = os.path.join(cache, "vocab.txt"), os.path.join(cache, "tokenizer_meta.json")
+    if damage == "vocab cut short":
+        truncate(vocab)
+    elif damage == "meta not JSON":
+        truncate(meta)
+    elif damage == "meta missing":
+        os.remove(meta)
+    else:
+        with open(vocab, "ab") as f:
+            f.write(b"\xff\xfe\n")
+    return {p: open(p, "rb").read() for p in (vocab, meta) if os.path.exists(p)}
+
+
+@pytest.mark.parametrize("damage", TOKENIZER_DAMAGE)
+def test_unreadable_tokenizer_cache_is_trained_again_identically(tmp_path, capsys, damage):
+    from mobiledistill.data import DataError, trained_tokenizer
+
+    cache = str(tmp_path / "tok")
+    kw = dict(corpus_name="toy", vocab_size=500)
+    first = trained_tokenizer(_tokenizer_texts(), cache, **kw).vocab_text()
+    damaged = damage_tokenizer_cache(cache, damage)
+    capsys.readouterr()
+
+    with pytest.raises(DataError) as info:  # no corpus to train on: one line, nothing touched
+        trained_tokenizer(None, cache, **kw)
+    assert "\n" not in str(info.value) and cache in str(info.value)
+    assert {p: open(p, "rb").read() for p in damaged} == damaged
+
+    again = trained_tokenizer(_tokenizer_texts(), cache, **kw).vocab_text()
+    assert again == first
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert line.startswith(f"warning: tokenizer cache {cache} cannot be used") and "trained it again" in line
+    for p, content in damaged.items():  # the damaged files are kept beside the new cache
+        assert open(p + ".unreadable", "rb").read() == content
+    assert trained_tokenizer(None, cache, **kw).vocab_text() == first  # the new cache is complete
+    assert not [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+
+
+@pytest.mark.parametrize("damage", ["vocab cut short", "meta not JSON"])
+def test_a_retrained_vocab_that_differs_is_refused(tmp_path, damage):
+    """The workdir's models were trained with the old vocab: another one must not silently replace it."""
+    from mobiledistill.data import DataError, trained_tokenizer
+
+    cache = str(tmp_path / "tok")
+    trained_tokenizer(_tokenizer_texts(), cache, corpus_name="toy", vocab_size=500)
+    damage_tokenizer_cache(cache, damage)
+    before = snapshot(cache)
+    with pytest.raises(DataError) as info:
+        trained_tokenizer(_tokenizer_texts()[:100], cache, corpus_name="toy", vocab_size=500)
+    assert "training it again gave another vocab" in str(info.value) and "\n" not in str(info.value)
+    assert snapshot(cache) == before
+
+
+def test_cache_of_another_experiment_is_still_refused(tmp_path):
+    from mobiledistill.data import DataError, trained_tokenizer
+
+    cache = str(tmp_path / "tok")
+    trained_tokenizer(_tokenizer_texts(), cache, corpus_name="toy", vocab_size=500)
+    before = snapshot(cache)
+    with pytest.raises(DataError, match="was trained with"):
+        trained_tokenizer(_tokenizer_texts(), cache, corpus_name="toy", vocab_size=501)
+    assert snapshot(cache) == before
