@@ -9,8 +9,9 @@ r"""Pea-KD (Cho & Kang) on one GLUE task: a fine-tuned teacher -> PTP stage -> P
 layers (distinct student layers, default 3) and sps (paired | top3).
 PTP stage (`ptp/`, first seed): 4-way labels from the teacher's predictions, 4-way head, CE, lr 2e-5, 4 epochs, keeps
 the best-dev-loss encoder. PKD stage (`pkd/`, all seeds): the PTP encoder with a fresh task head, loss
-0.3·CE + 0.7·T²·KL (T 10) + 100·patience ([CLS] MSE, student layers 1..L-1 -> teacher PKD-skip), lr 2e-5, batch 64,
-6 epochs. The teacher runs every step (patience needs its hidden states).
+0.3·CE + 0.7·T²·KL (T 10; the KL averaged over batch x classes, as the official code) + 100·patience ([CLS] MSE,
+student layers 1..L-1 -> teacher PKD-skip), lr 2e-5, batch 64, 6 epochs. The teacher runs every step (patience
+needs its hidden states).
 """
 
 import ml_collections
@@ -49,7 +50,8 @@ def get_config(arg=None):
     pkd.distill.kd_weight = 0.0  # the KL term below replaces the default soft cross-entropy
     pkd.distill.ce_weight = 0.3
     pkd.distill.extra_losses = ml_collections.ConfigDict({
-        "kl_kd": {"weight": 0.7, "temperature": 10.0, "t_squared": True},
+        # official Pea-KD: nn.KLDivLoss(reduction='mean') x T^2, a mean over batch x classes (utils/KD_loss.py:12)
+        "kl_kd": {"weight": 0.7, "temperature": 10.0, "t_squared": True, "reduction": "elementwise_mean"},
         "patience": {"weight": 100.0, "student_layers": [1], "teacher_layers": [1]}})
     if not tiny:
         pkd.train.lr, pkd.train.batch, pkd.train.epochs = 2e-5, 64, int(args.get("epochs", 6))

@@ -60,7 +60,7 @@ def test_pkd_through_registry():
     t, s = _out(2), _out(3)
     spec = {
         "task_ce": {"weight": 0.3},
-        "kl_kd": {"weight": 0.7, "temperature": 10.0},
+        "kl_kd": {"weight": 0.7, "temperature": 10.0, "reduction": "elementwise_mean"},
         "patience": {"weight": 100.0, "student_layers": [1], "teacher_layers": [2]},
     }
     total, _ = L.build_loss(spec)(t, s, BATCH)

@@ -179,14 +179,17 @@ def patient_kd_loss(
     alpha: float = 0.7,
     temperature: float = 10.0,
     beta: float = 100.0,
-    kl_reduction: str = "batchmean",
+    kl_reduction: str = "elementwise_mean",
     weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Patient KD (Pea-KD defaults alpha=0.7, T=10, beta=100); returns (total, terms).
 
-    total = (1 - alpha) * CE(S, labels) + alpha * T^2 * KL(T/t || S/t) + beta * patience, with CE and
-    KL means over examples (KL summed over classes, see `kl_divergence` for PKD's element-wise
-    variant) and patience = `cls_patience_loss` over the mapped layers' [CLS] vectors.
+    total = (1 - alpha) * CE(S, labels) + alpha * T^2 * KL(T/t || S/t) + beta * patience, with CE a mean
+    over examples and patience = `cls_patience_loss` over the mapped layers' [CLS] vectors. The KL is,
+    by default, the official Pea-KD / PKD form (cih23/PeaKD utils/KD_loss.py:7-20,
+    `nn.KLDivLoss(reduction='mean')`): a mean over batch x classes, i.e. the true KL / C; the published
+    Pea-KD numbers and its alpha = 0.7 were obtained at that scale. `kl_reduction='batchmean'` gives the
+    true KL (mean over examples), C times larger.
     """
     ce = cross_entropy(student_logits, labels, weights)
     kl = kl_divergence(

@@ -5,11 +5,22 @@ projection). Everything is float32 inside; teacher inputs get no gradient; norms
 a zero vector has cosine 0 with everything and finite gradients); masked relation entries are set to the finite
 `MASK_FLOOR` (never -inf); softmaxes are float32. `attention_mask` is [B, S] (1 = real token, 0 = padding).
 
-- `wr_pair_loss`: cosine matrix between the tokens of one layer -> row softmax -> KL(teacher || student), mean over
-  real rows; or (`kind='distance'`) RKD distances normalised by their mean, compared with Huber / L1 / L2.
+- `wr_pair_loss`: cosine matrix between the tokens of one layer -> row softmax -> KL(teacher || student); or
+  (`kind='distance'`) RKD distances normalised by their mean, compared with Huber / L1 / L2.
 - `wr_angle_loss`: angles psi(i; j, k) = cos(r_j - r_i, r_k - r_i) with j, k in a window of W tokens around i;
-  squared error, mean over valid triples. Memory O(B*S*W*H + B*S*W^2): the [S, S, S] tensor is never built.
+  squared error. Memory O(B*S*W*H + B*S*W^2): the [S, S, S] tensor is never built.
 - `ltr_pair_loss` / `ltr_angle_loss`: the same two relations among the n_l matched layers of each token.
+
+Reductions (`reduction=`): 'official' (default) divides each summed relation exactly as the official code
+(github GeondoPark/CKD, loss.py) does, since its published per-task weights (`CKD_TASK_HPARAMS`) were tuned at
+those scales: WR pair / n^2 real (i, j) pairs (diagonal included), WR angle / W^2 per real centre (window clamped
+into the padded sequence, padded neighbours kept), LTR pair / (tokens x n_l^2), LTR angle / (tokens x n_l^3).
+'masked_mean' is a mean over the entries that carry information only (real rows; real, distinct neighbours; the
+window kept inside the real span; triples with both ends distinct from the centre).
+The official pair losses' forward value is NaN on every batch (`F.kl_div` of the -inf log-probability of a masked
+entry, the diagonal included, against its zero target; padded rows softmax an all -inf row: loss.py:89-92,
+105-110, 229-231), while their gradient is finite and equal to that of the KL summed over the unmasked entries
+only; we return that sum, so the value is finite and the gradient is the official one.
 - `match_layers`: CKD layer-matching presets; `wr_loss` / `ltr_loss` average a relation over matched layers.
 - Registered terms `wr_pair`, `wr_angle`, `ltr_pair`, `ltr_angle` (params: layers / matching, kind, window, ...);
   `ckd_relation_spec` gives their `build_loss` entries; `ckd_task_loss` builds the task-specific total
@@ -37,6 +48,7 @@ MATCHING_PRESETS = ("emb+skip", "skip", "last", "uniform")
 RELATION_KINDS = ("cosine", "distance")
 DISTANCE_LOSSES = ("huber", "l1", "l2")
 RELATION_TERMS = ("wr_pair", "wr_angle", "ltr_pair", "ltr_angle")
+REDUCTIONS = ("official", "masked_mean")
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -65,6 +77,11 @@ def _check_pair(t: jax.Array, s: jax.Array, name: str, rank: int):
                          "axes but the last (the widths may differ)")
 
 
+def _check_reduction(reduction: str):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; valid: {REDUCTIONS}")
+
+
 def _check_kind(kind: str, distance_loss: str):
     if kind not in RELATION_KINDS:
         raise ValueError(f"kind={kind!r}; valid: {RELATION_KINDS}")
@@ -75,6 +92,13 @@ def _check_kind(kind: str, distance_loss: str):
 def _abs(x: jax.Array) -> jax.Array:
     # |x| with gradient sign(x) (0 at x = 0, unlike jnp.abs), so L1 is stationary when student == teacher.
     return x * jax.lax.stop_gradient(jnp.sign(x))
+
+
+def _official_pair_count(valid: jax.Array) -> jax.Array:
+    """The official divisor of a pair relation over sets valid [..., N]: sum of n^2, every real (i, j) pair of a set,
+    diagonal included (`mask.sum()` in loss.py:123 and 270)."""
+    n = jnp.sum(valid, axis=-1)
+    return jnp.sum(n * n)
 
 
 def _pair_cosine_kl(t: jax.Array, s: jax.Array, valid: jax.Array, eps: float):
@@ -92,7 +116,7 @@ def _pair_cosine_kl(t: jax.Array, s: jax.Array, valid: jax.Array, eps: float):
     return jnp.sum(jnp.where(valid, kl, 0.0)), jnp.sum(valid)
 
 
-def _pair_distance(t: jax.Array, s: jax.Array, valid: jax.Array, distance_loss: str, eps: float):
+def _pair_distance(t: jax.Array, s: jax.Array, valid: jax.Array, eps: float, distance_loss: str):
     """Sum over valid pairs (i != j, both real) of loss(d_S - d_T) and the number of pairs; sets t, s [..., N, H].
 
     d_ij = ||x_i - x_j|| (Gram form, clamped at eps as RKD's pdist) divided by the mean of d over the valid pairs of
@@ -120,10 +144,11 @@ def _pair_distance(t: jax.Array, s: jax.Array, valid: jax.Array, distance_loss: 
     return jnp.sum(jnp.where(pairs, err, 0.0)), jnp.sum(pairs)
 
 
-def _pair_sums(t, s, valid, kind, distance_loss, eps):
-    if kind == "cosine":
-        return _pair_cosine_kl(t, s, valid, eps)
-    return _pair_distance(t, s, valid, distance_loss, eps)
+def _pair_loss(t, s, valid, kind, distance_loss, eps, reduction):
+    _check_reduction(reduction)
+    fn = _pair_cosine_kl if kind == "cosine" else functools.partial(_pair_distance, distance_loss=distance_loss)
+    total, count = fn(t, s, valid, eps=eps)
+    return _ratio(total, _official_pair_count(valid) if reduction == "official" else count)
 
 
 def _angles(neighbours: jax.Array, center: jax.Array, eps: float) -> jax.Array:
@@ -141,19 +166,23 @@ def _ratio(total, count) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------------
 
 def wr_pair_loss(teacher_hidden: jax.Array, student_hidden: jax.Array, attention_mask: jax.Array | None = None, *,
-                 kind: str = "cosine", distance_loss: str = "huber", eps: float = NORM_EPS) -> jax.Array:
+                 kind: str = "cosine", distance_loss: str = "huber", eps: float = NORM_EPS,
+                 reduction: str = "official") -> jax.Array:
     """Pair-wise word relation of one layer ([B, S, H_T] vs [B, S, H_S]).
 
     cosine: C_ij = <r^_i, r^_j>, the diagonal and padded j set to MASK_FLOOR, P = row softmax over j; the loss is
-    sum over real rows i of KL(P_T || P_S) / #real rows (whole batch). A lone real token's row is all masked: KL 0.
-    distance: RKD distances normalised by their per-sequence mean over real pairs; mean over real pairs (i != j)
-    of Huber (smooth L1, beta 1) / L1 / L2 of d_S - d_T.
+    the sum over real rows i of KL(P_T || P_S), divided by ('official', `WR_Dist` with distance='cos',
+    lossfunc='kldiv': loss.py:84-123) the number of real (i, j) pairs of the batch, sum over sequences of n^2,
+    or ('masked_mean') the number of real rows. A lone real token's row is all masked: KL 0.
+    distance (RKD's form, not the official 'l2' variant, which compares squared distances): distances normalised
+    by their per-sequence mean over real pairs; Huber (smooth L1, beta 1) / L1 / L2 of d_S - d_T summed over real
+    pairs (i != j) and divided by sum n^2 ('official') or by the number of those pairs ('masked_mean').
     """
     _check_kind(kind, distance_loss)
     t, s = _util.teacher(teacher_hidden), f32(student_hidden)
     _check_pair(t, s, "wr_pair_loss", 3)
     valid = _valid(attention_mask, *s.shape[:2])
-    return _ratio(*_pair_sums(t, s, valid, kind, distance_loss, eps))
+    return _pair_loss(t, s, valid, kind, distance_loss, eps, reduction)
 
 
 def window_bounds(attention_mask: jax.Array | None, batch: int, seq: int, window: int = DEFAULT_WINDOW):
@@ -186,24 +215,44 @@ def _wr_angle_piece(t, s, idx, ok, center_t, center_s, center_valid, eps):
     return jnp.sum(jnp.where(m, jnp.square(a_s - a_t), 0.0)), jnp.sum(m)
 
 
+def official_window(batch: int, seq: int, window: int = DEFAULT_WINDOW) -> jax.Array:
+    """Neighbour indices [B, S, W] of the official `window_index` (loss.py:29-38): i - (W-1)/2 .. i + (W-1)/2
+    clamped into [0, S - 1] of the padded sequence, so windows near the ends repeat the edge position and
+    windows near the end of a short sentence reach into its padding. W must be odd (loss.py:175)."""
+    if window < 1 or window % 2 != 1:
+        raise ValueError(f"window={window}; the official WR angle window must be odd and >= 1 (e.g. 21)")
+    offsets = jnp.arange(window, dtype=jnp.int32) - window // 2
+    idx = jnp.clip(jnp.arange(seq, dtype=jnp.int32)[:, None] + offsets, 0, seq - 1)
+    return jnp.broadcast_to(idx, (batch, seq, window))
+
+
 def wr_angle_loss(teacher_hidden: jax.Array, student_hidden: jax.Array, attention_mask: jax.Array | None = None, *,
-                  window: int = DEFAULT_WINDOW, chunk_size: int | None = None, eps: float = NORM_EPS) -> jax.Array:
+                  window: int = DEFAULT_WINDOW, chunk_size: int | None = None, eps: float = NORM_EPS,
+                  reduction: str = "official") -> jax.Array:
     """Triple-wise (angle) word relation of one layer, windowed: O(B*S*W*H) memory, never [S, S, S].
 
-    psi(i; j, k) = cos(r_j - r_i, r_k - r_i) for j, k in the window of i (see `window_bounds`); a triple counts when
-    i, j and k are real tokens and j != i, k != i (j == k is kept: cos = 1 for both models, unless r_j == r_i).
-    Loss = sum over counted triples of (psi_S - psi_T)^2 / their number (whole batch).
+    psi(i; j, k) = cos(r_j - r_i, r_k - r_i) for j, k in the window of i; squared error (psi_S - psi_T)^2.
+    'official' (`WR_Angle_window`, lossfunc='l2loss': loss.py:171-203): the window of `official_window`, every
+    real centre i with all W^2 (j, k) of its window, duplicates, padded neighbours and j = i (cos 0 in both
+    models) included; loss = sum / (#real centres x W^2).
+    'masked_mean': the window of `window_bounds` (kept inside the real span); a triple counts when i, j and k
+    are real tokens and j != i, k != i (j == k kept); loss = sum over counted triples / their number.
     `chunk_size` processes the centers sequentially in chunks under `jax.checkpoint`: peak memory O(B*C*W*H) for
     C = chunk_size instead of O(B*S*W*H), same value, some recomputation in the backward pass.
     """
+    _check_reduction(reduction)
     t, s = _util.teacher(teacher_hidden), f32(student_hidden)
     _check_pair(t, s, "wr_angle_loss", 3)
     batch, seq = s.shape[:2]
     valid = _valid(attention_mask, batch, seq)
-    start, w = window_bounds(attention_mask, batch, seq, window)
-    idx = start[..., None] + jnp.arange(w, dtype=jnp.int32)  # [B, S, w]
-    ok = jnp.take_along_axis(valid, idx.reshape(batch, -1), axis=1).reshape(idx.shape)
-    ok = ok & (idx != jnp.arange(seq)[None, :, None])
+    if reduction == "official":
+        idx = official_window(batch, seq, window)
+        ok = jnp.ones(idx.shape, bool)
+    else:
+        start, w = window_bounds(attention_mask, batch, seq, window)
+        idx = start[..., None] + jnp.arange(w, dtype=jnp.int32)  # [B, S, w]
+        ok = jnp.take_along_axis(valid, idx.reshape(batch, -1), axis=1).reshape(idx.shape)
+        ok = ok & (idx != jnp.arange(seq)[None, :, None])
     piece = functools.partial(_wr_angle_piece, eps=eps)
     if chunk_size is None or chunk_size >= seq:
         return _ratio(*piece(t, s, idx, ok, t, s, valid))
@@ -244,18 +293,20 @@ def _stack_layers(teacher_layers, student_layers, name: str, min_layers: int):
 
 def ltr_pair_loss(teacher_layers: Sequence[jax.Array], student_layers: Sequence[jax.Array],
                   attention_mask: jax.Array | None = None, *, kind: str = "cosine", distance_loss: str = "huber",
-                  eps: float = NORM_EPS) -> jax.Array:
+                  eps: float = NORM_EPS, reduction: str = "official") -> jax.Array:
     """Pair-wise layer transforming relation: per token, the relation among its n_l matched layers ([B, S, H] each).
 
-    cosine: cosine matrix [n_l, n_l] between the token's layers, diagonal masked, row softmax, KL(P_T || P_S);
-    mean over (real tokens, layer rows). distance: per-token normalised distances, mean over (real tokens, l != m).
-    Padded tokens are left out.
+    cosine: cosine matrix [n_l, n_l] between the token's layers, diagonal masked, row softmax, KL(P_T || P_S)
+    summed over real tokens and layer rows, divided by ('official', `LTR_Dist` with distance='cos',
+    lossfunc='kldiv': loss.py:211-270) real tokens x n_l^2, or ('masked_mean') real tokens x n_l.
+    distance: per-token normalised distances, summed over (real tokens, l != m) and divided by real tokens x n_l^2
+    ('official') or by the number of those pairs ('masked_mean'). Padded tokens are left out.
     """
     _check_kind(kind, distance_loss)
     t, s = _stack_layers(teacher_layers, student_layers, "ltr_pair_loss", 2)
     batch, seq, n = s.shape[:3]
     valid = jnp.broadcast_to(_valid(attention_mask, batch, seq)[..., None], (batch, seq, n))
-    return _ratio(*_pair_sums(t, s, valid, kind, distance_loss, eps))
+    return _pair_loss(t, s, valid, kind, distance_loss, eps, reduction)
 
 
 def _ltr_angle_piece(t, s, valid, center, eps: float):
@@ -268,17 +319,23 @@ def _ltr_angle_piece(t, s, valid, center, eps: float):
 
 
 def ltr_angle_loss(teacher_layers: Sequence[jax.Array], student_layers: Sequence[jax.Array],
-                   attention_mask: jax.Array | None = None, *, eps: float = NORM_EPS) -> jax.Array:
-    """Triple-wise layer transforming relation: per token, psi(l; m, n) = cos(x_m - x_l, x_n - x_l) over all its
-    matched layers with m != l, n != l (m == n kept); squared error, mean over (real tokens, triples).
+                   attention_mask: jax.Array | None = None, *, eps: float = NORM_EPS,
+                   reduction: str = "official") -> jax.Array:
+    """Triple-wise layer transforming relation: per token, psi(l; m, n) = cos(x_m - x_l, x_n - x_l) over its
+    matched layers; squared error summed over real tokens and triples with m != l, n != l (m == n kept).
 
+    'official' (`LTR_Angle`, loss='l2loss': loss.py:284-310) divides by real tokens x n_l^3, i.e. it counts the
+    triples with m = l or n = l, whose cosine is 0 in both models; 'masked_mean' divides by the triples summed.
     The center layers l are processed sequentially (lax.map) under `jax.checkpoint`, so memory is O(B*S*n_l*H),
     not O(B*S*n_l^2*H).
     """
+    _check_reduction(reduction)
     t, s = _stack_layers(teacher_layers, student_layers, "ltr_angle_loss", 3)
     valid = _valid(attention_mask, *s.shape[:2])
     body = jax.checkpoint(lambda c: _ltr_angle_piece(t, s, valid, c, eps))
     sums, counts = jax.lax.map(body, jnp.arange(s.shape[2]))
+    if reduction == "official":
+        return _ratio(jnp.sum(sums), jnp.sum(valid) * s.shape[2] ** 3)
     return _ratio(jnp.sum(sums), jnp.sum(counts))
 
 
@@ -381,29 +438,39 @@ def _term(loss_fn, relation: str, layers, matching, ltr: bool, **kwargs) -> Loss
 
 @register_loss("wr_pair")
 def _wr_pair_term(layers=None, matching: str = "emb+skip", kind: str = "cosine", distance_loss: str = "huber",
-                  eps: float = NORM_EPS) -> LossFn:
+                  eps: float = NORM_EPS, reduction: str = "official") -> LossFn:
     _check_kind(kind, distance_loss)
-    return _term(wr_loss, "pair", layers, matching, False, kind=kind, distance_loss=distance_loss, eps=eps)
+    _check_reduction(reduction)
+    return _term(wr_loss, "pair", layers, matching, False, kind=kind, distance_loss=distance_loss, eps=eps,
+                 reduction=reduction)
 
 
 @register_loss("wr_angle")
 def _wr_angle_term(layers=None, matching: str = "emb+skip", window: int = DEFAULT_WINDOW,
-                   chunk_size: int | None = None, eps: float = NORM_EPS) -> LossFn:
-    if window < 1:
+                   chunk_size: int | None = None, eps: float = NORM_EPS, reduction: str = "official") -> LossFn:
+    _check_reduction(reduction)
+    if reduction == "official":
+        official_window(1, 1, window)  # validates the window
+    elif window < 1:
         raise ValueError(f"window={window}; need >= 1")
-    return _term(wr_loss, "angle", layers, matching, False, window=window, chunk_size=chunk_size, eps=eps)
+    return _term(wr_loss, "angle", layers, matching, False, window=window, chunk_size=chunk_size, eps=eps,
+                 reduction=reduction)
 
 
 @register_loss("ltr_pair")
 def _ltr_pair_term(layers=None, matching: str = "emb+skip", kind: str = "cosine", distance_loss: str = "huber",
-                   eps: float = NORM_EPS) -> LossFn:
+                   eps: float = NORM_EPS, reduction: str = "official") -> LossFn:
     _check_kind(kind, distance_loss)
-    return _term(ltr_loss, "pair", layers, matching, True, kind=kind, distance_loss=distance_loss, eps=eps)
+    _check_reduction(reduction)
+    return _term(ltr_loss, "pair", layers, matching, True, kind=kind, distance_loss=distance_loss, eps=eps,
+                 reduction=reduction)
 
 
 @register_loss("ltr_angle")
-def _ltr_angle_term(layers=None, matching: str = "emb+skip", eps: float = NORM_EPS) -> LossFn:
-    return _term(ltr_loss, "angle", layers, matching, True, eps=eps)
+def _ltr_angle_term(layers=None, matching: str = "emb+skip", eps: float = NORM_EPS,
+                    reduction: str = "official") -> LossFn:
+    _check_reduction(reduction)
+    return _term(ltr_loss, "angle", layers, matching, True, eps=eps, reduction=reduction)
 
 
 def _w(pair: float, angle: float, temperature: float, lr: float, epochs: int) -> dict[str, float]:
@@ -442,14 +509,16 @@ def ckd_task_hparams(task: str) -> dict[str, float]:
 
 
 def ckd_relation_spec(weights: Mapping[str, float], *, matching: str = "emb+skip", layers=None,
-                      window: int = DEFAULT_WINDOW, kind: str = "cosine",
-                      chunk_size: int | None = None) -> dict[str, dict[str, Any]]:
+                      window: int = DEFAULT_WINDOW, kind: str = "cosine", chunk_size: int | None = None,
+                      reduction: str = "official") -> dict[str, dict[str, Any]]:
     """`build_loss` entries of the four relation terms with `weights` {wr_pair, wr_angle, ltr_pair, ltr_angle}
-    (missing = 0, dropped); all use the same `matching` preset or explicit `layers`. Also for task-agnostic use."""
+    (missing = 0, dropped); all use the same `matching` preset or explicit `layers` and `reduction`. Also for
+    task-agnostic use."""
     unknown = set(weights) - set(RELATION_TERMS)
     if unknown:
         raise ValueError(f"unknown relation weights {sorted(unknown)}; valid: {RELATION_TERMS}")
-    rel = {"matching": matching, "layers": layers}
+    _check_reduction(reduction)
+    rel = {"matching": matching, "layers": layers, "reduction": reduction}
     spec = {
         "wr_pair": {"kind": kind, **rel},
         "wr_angle": {"window": window, "chunk_size": chunk_size, **rel},
@@ -465,8 +534,8 @@ def ckd_task_loss_spec(task: str, *, regression: bool | None = None, t_squared: 
 
     KD is `logit_kd` (soft cross-entropy at the task's temperature, no T^2 as in CKD's code) or, for regression
     (STS-B unless `regression` says otherwise), `regression_kd` (MSE). `ce_weight` > 0 adds the hard-label term
-    (not in the official recipe). `relation_kwargs` (matching, layers, window, kind, chunk_size) go to
-    `ckd_relation_spec`.
+    (not in the official recipe). `relation_kwargs` (matching, layers, window, kind, chunk_size, reduction) go to
+    `ckd_relation_spec`; the default reduction 'official' is the scale `CKD_TASK_HPARAMS` were tuned at.
     """
     key = _task_key(task)
     hp = CKD_TASK_HPARAMS[key]
