@@ -6,7 +6,8 @@ A term is built by a registered factory from keyword parameters:
     LossFn(teacher_out, student_out, batch) -> float32 scalar
 
 `teacher_out` / `student_out` are EncoderOutput-like objects or dicts (attribute or key access)
-with the fields a term needs: `hidden_states`, `attention_scores` (encoder), and, from the heads,
+with the fields a term needs: `hidden_states`, `attention_scores`, `qkv` (encoder; `attn_relation`),
+`projections` (a stage's learned width projections; projected `fmt`), and, from the heads,
 `mlm_logits` ([B, P, V] at the masked positions), `nsp_logits` [B, 2], `logits` (task head).
 `batch` is a mapping: `attention_mask`, `masked_lm_ids`, `masked_lm_weights`,
 `next_sentence_labels`, `labels`, optional `example_weights` [B] for task terms. Teacher-free
@@ -90,6 +91,38 @@ def _transfer_term(term: str):
 
 for _term in ("fmt", "at", "beta", "gamma"):
     register_loss(_term)(_transfer_term(_term))
+
+
+@register_loss("attn_relation")
+def _attn_relation(num_relation_heads: int, layers=None, matching: str = "uniform", relations=transfer.RELATION_TYPES,
+                   mask_padding: bool = True, layer_normalizer: int | None = None) -> LossFn:
+    """MiniLMv2 Q-Q / K-K / V-V relation transfer (`transfer.attention_relation_transfer`) for any two models.
+
+    Reads the encoders' `qkv` outputs (run them with `return_qkv=True`). `layers`: (teacher layer, student layer)
+    pairs of 0-based layer indices, or None to map them with `relations.match_layers(matching)` (pairs with the
+    embedding output are skipped: it has no attention). Summed over the pairs, divided by `layer_normalizer`
+    (default: the number of pairs, i.e. the mean).
+    """
+    from mobiledistill.losses.relations import match_layers  # relations imports this module
+
+    fixed = None if layers is None else transfer._layer_pairs(layers)
+    if fixed is not None and not fixed:
+        raise ValueError("attn_relation: `layers` is empty")
+
+    def fn(t, s, b):
+        t_qkv, s_qkv = field(t, "qkv"), field(s, "qkv")
+        if t_qkv is None or s_qkv is None:
+            raise ValueError("attn_relation needs the encoders' Q/K/V: run them with return_qkv=True")
+        pairs = fixed
+        if pairs is None:
+            ti, si = match_layers(len(t_qkv), len(s_qkv), matching)
+            pairs = [(a - 1, c - 1) for a, c in zip(ti, si) if a > 0 and c > 0]
+        values = [transfer.attention_relation_transfer(t_qkv[tk], s_qkv[sk], b.get("attention_mask"),
+                                                       num_relation_heads=num_relation_heads, relations=relations,
+                                                       mask_padding=mask_padding) for tk, sk in pairs]
+        return jnp.sum(jnp.stack(values)) / float(layer_normalizer or len(pairs))
+
+    return fn
 
 
 @register_loss("mlm")

@@ -11,6 +11,15 @@ Reductions (SPEC §3), with `mask_padding=True` (default) padded tokens are left
 - `variance_transfer` (gamma): mean over (batch, valid tokens) of |var_d T - var_d S|.
 - `attention_transfer`: mean over (batch, heads, valid query rows) of KL(softmax(T) || softmax(S)).
 
+Across widths and head counts (any teacher, any student):
+
+- `projected_feature_map_transfer`: FMT of the student's feature map mapped to the teacher's width by a learned
+  linear projection `S @ W + b` (TinyBERT's hidden-state loss); same reduction and masking as FMT. The projection's
+  parameters belong to the training stage (`mobiledistill.strategies.projection`), not to the student.
+- `attention_relation_transfer`: MiniLMv2 self-attention relations. Q, K and V ([B, S, d], any d) are re-split into
+  R relation heads; relation `softmax(A_h A_h^T / sqrt(d / R))` for A in (Q, K, V); per relation type the mean over
+  (batch, relation heads, valid query rows) of KL(R_T || R_S) over keys (padded keys masked), summed over the types.
+
 LN is parameter-free with `ln_eps=1e-12` by default: that is the epsilon of the official code's
 `tf.contrib.layers.layer_norm(trainable=False)` and of the models' LayerNorm. It stays finite in
 float32 (a constant row gives 0 * 1e6), so gradients are finite even for constant activations.
@@ -180,6 +189,19 @@ def _layer_pairs(layers) -> list[tuple[int, int]]:
     return pairs
 
 
+def _projection_of(student_out: Any, index: int) -> Mapping[str, jax.Array]:
+    projections = field(student_out, "projections") if _has(student_out, "projections") else None
+    if not projections or str(index) not in projections:
+        have = sorted(projections) if projections else []
+        raise ValueError(f"projected FMT: no projection for student hidden state {index} (have {have}); the stage "
+                         f"must create one per projected layer (Stage.projections)")
+    return projections[str(index)]
+
+
+def _has(obj: Any, name: str) -> bool:
+    return (name in obj) if isinstance(obj, Mapping) else (getattr(obj, name, None) is not None)
+
+
 def layer_transfer_loss(
     teacher_out: Any,
     student_out: Any,
@@ -193,6 +215,7 @@ def layer_transfer_loss(
     official_stats_bug: bool = False,
     ln_eps: float = DEFAULT_LN_EPS,
     layer_normalizer: int | None = None,
+    projection: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted MobileBERT transfer loss for a set of active layers; returns (total, terms).
 
@@ -205,6 +228,10 @@ def layer_transfer_loss(
     `terms` holds the unweighted per-term values; total = sum(weights[k] * terms[k]).
     `official_stats_bug=True` computes beta/gamma against all teacher hidden states (see
     `mean_transfer_official`); for exact replication also pass `mask_padding=False`.
+    `projection=True` (teacher and student of different widths): FMT maps student layer k's feature map with
+    `student_out["projections"][str(k + 1)]` ({"kernel", "bias"}, keyed by hidden-state index; the stage puts its
+    trained projections there) before comparing (`projected_feature_map_transfer`); beta and gamma compare the
+    unprojected per-token statistics, which need no common width.
     """
     weights = dict(DEFAULT_TRANSFER_WEIGHTS if weights is None else weights)
     unknown = set(weights) - set(DEFAULT_TRANSFER_WEIGHTS)
@@ -222,7 +249,21 @@ def layer_transfer_loss(
     for name in active:
         values = []
         for tk, sk in pairs:
-            if name == "fmt":
+            if name == "fmt" and projection:
+                proj = _projection_of(student_out, sk + 1)
+                values.append(
+                    projected_feature_map_transfer(
+                        t_hidden[tk + 1],
+                        s_hidden[sk + 1],
+                        proj["kernel"],
+                        proj.get("bias"),
+                        attention_mask,
+                        normalize=normalize,
+                        mask_padding=mask_padding,
+                        ln_eps=ln_eps,
+                    )
+                )
+            elif name == "fmt":
                 values.append(
                     feature_map_transfer(
                         t_hidden[tk + 1],
@@ -253,3 +294,93 @@ def layer_transfer_loss(
         terms[name] = jnp.sum(jnp.stack(values)) / norm
     total = sum((active[k] * v for k, v in terms.items()), jnp.zeros((), jnp.float32))
     return total, terms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any teacher, any student: projected feature maps and self-attention relations
+# ----------------------------------------------------------------------------------------------------------------
+
+def project(student_hidden: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """`S @ kernel + bias` in float32: a student feature map [B, S, d_s] mapped to the teacher's width d_t."""
+    s, w = f32(student_hidden), f32(kernel)
+    if w.ndim != 2 or s.shape[-1] != w.shape[0] or (bias is not None and tuple(bias.shape) != (w.shape[1],)):
+        raise ValueError(f"projection: student width {s.shape[-1]} needs a kernel [{s.shape[-1]}, d_teacher] and a "
+                         f"bias [d_teacher]; got kernel {tuple(w.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    out = jnp.einsum("...i,io->...o", s, w)
+    return out if bias is None else out + f32(bias)
+
+
+def projected_feature_map_transfer(
+    teacher_hidden: jax.Array,
+    student_hidden: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    *,
+    normalize: bool = True,
+    mask_padding: bool = True,
+    ln_eps: float = DEFAULT_LN_EPS,
+) -> jax.Array:
+    """FMT across widths: mean over (batch, valid tokens, d_t) of (LN(T) - LN(S @ kernel + bias))^2.
+
+    Teacher [B, S, d_t], student [B, S, d_s], kernel [d_s, d_t], bias [d_t] or None. The projection is learned with
+    the stage (TinyBERT's W_h); gradients reach both the student and the projection, never the teacher.
+    `normalize=False` is TinyBERT's plain MSE. Padding is masked exactly as in `feature_map_transfer`.
+    """
+    projected = project(student_hidden, kernel, bias)
+    if projected.shape != teacher_hidden.shape:
+        raise ValueError(f"projected FMT: projected student {tuple(projected.shape)} vs teacher "
+                         f"{tuple(teacher_hidden.shape)}")
+    return feature_map_transfer(teacher_hidden, projected, attention_mask, normalize=normalize,
+                                mask_padding=mask_padding, ln_eps=ln_eps)
+
+
+RELATION_TYPES = ("qq", "kk", "vv")
+
+
+def _relation_log_probs(x: jax.Array, num_heads: int, key_mask) -> jax.Array:
+    """[B, S, d] -> log-softmax over keys of the scaled dot products within each of `num_heads` heads [B, R, S, S]."""
+    b, s, d = x.shape
+    h = f32(x).reshape(b, s, num_heads, d // num_heads)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", h, h) * (d // num_heads) ** -0.5
+    return masked_log_softmax(scores, key_mask)
+
+
+def attention_relation_transfer(
+    teacher_qkv: Sequence[jax.Array],
+    student_qkv: Sequence[jax.Array],
+    attention_mask: jax.Array | None = None,
+    *,
+    num_relation_heads: int,
+    relations: Sequence[str] = RELATION_TYPES,
+    mask_padding: bool = True,
+) -> jax.Array:
+    """MiniLMv2 multi-head self-attention relation transfer between any two models.
+
+    `teacher_qkv` / `student_qkv`: one layer's (query, key, value) projections [B, S, d] before the head split (the
+    encoder's `qkv` output); the widths of teacher and student may differ, and so may their head counts. Each of A in
+    Q, K, V is re-split into `num_relation_heads` heads of width d / R; relation = row-softmax(A_h A_h^T / sqrt(d / R))
+    with padded keys masked (probability 0). Loss: for each relation type in `relations` ('qq', 'kk', 'vv'), the mean
+    over (batch, relation heads, valid query rows) of KL(relation_T || relation_S), summed over the types (MiniLMv2's
+    L_QQ + L_KK + L_VV). `mask_padding=False` averages over all query rows.
+    """
+    unknown = [r for r in relations if r not in RELATION_TYPES]
+    if unknown or not relations:
+        raise ValueError(f"attention relations: relations={list(relations)}; valid: a non-empty subset of "
+                         f"{list(RELATION_TYPES)}")
+    if int(num_relation_heads) < 1:
+        raise ValueError(f"attention relations: num_relation_heads={num_relation_heads} must be >= 1")
+    dt, ds = int(teacher_qkv[0].shape[-1]), int(student_qkv[0].shape[-1])
+    if dt % num_relation_heads or ds % num_relation_heads:
+        raise ValueError(f"attention relations: num_relation_heads={num_relation_heads} must divide both Q/K/V "
+                         f"widths (teacher {dt}, student {ds})")
+    key_mask = None if attention_mask is None else f32(attention_mask)[:, None, None, :]
+    total = jnp.zeros((), jnp.float32)
+    for r in relations:
+        i = RELATION_TYPES.index(r)
+        log_t = jax.lax.stop_gradient(_relation_log_probs(teacher(teacher_qkv[i]), num_relation_heads, key_mask))
+        log_s = _relation_log_probs(student_qkv[i], num_relation_heads, key_mask)
+        kl_rows = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)  # [B, R, S]
+        total = total + masked_mean(jnp.mean(kl_rows, axis=1), _token_mask(attention_mask, mask_padding))
+    return total

@@ -27,6 +27,8 @@ class EncoderOutput:
     hidden_states: executed layers + 1 entries, index 0 = embedding output.
     attention_scores: per executed layer [B, heads, S, S], pre-softmax, masked (float32).
     attention_probs: per executed layer [B, heads, S, S] (float32, before attention dropout).
+    qkv: only with `return_qkv=True` (else None): per executed layer the (query, key, value) projections [B, S, d]
+        before the head split (d = the block's attention width), for MiniLM-style relation losses.
     """
 
     sequence_output: Array
@@ -34,6 +36,7 @@ class EncoderOutput:
     hidden_states: tuple[Array, ...]
     attention_scores: tuple[Array, ...]
     attention_probs: tuple[Array, ...]
+    qkv: Optional[tuple[tuple[Array, Array, Array], ...]] = None
 
 
 def activation(name: str):
@@ -192,7 +195,8 @@ class Block(nnx.Module):
         if cfg.use_bottleneck:
             self.output_bottleneck = DenseNorm(cfg, inner, x_dim, rngs)
 
-    def __call__(self, x: Array, mask: Array, rng=None, swap_qk: bool = False):
+    def __call__(self, x: Array, mask: Array, rng=None, swap_qk: bool = False, return_qkv: bool = False):
+        """(output, scores, probs), plus the (query, key, value) projections when `return_qkv`."""
         cfg = self.cfg
         p_hidden = cfg.hidden_dropout_prob
         if cfg.use_bottleneck:
@@ -207,8 +211,8 @@ class Block(nnx.Module):
         else:
             layer_input = q_in = k_in = v_in = x
         query, key = (self.key, self.query) if swap_qk else (self.query, self.key)
-        context, scores, probs = multi_head_attention(cfg, query(q_in), key(k_in), self.value(v_in), mask,
-                                                      _sub_rng(rng, 0))
+        qkv = (query(q_in), key(k_in), self.value(v_in))
+        context, scores, probs = multi_head_attention(cfg, *qkv, mask, _sub_rng(rng, 0))
         # transformers applies hidden dropout inside the block only when there is no bottleneck.
         inner_drop = 0.0 if cfg.use_bottleneck else p_hidden
         h = self.attention_output(context, layer_input, inner_drop, _sub_rng(rng, 1))
@@ -217,7 +221,7 @@ class Block(nnx.Module):
         out = self.output(self.act(self.intermediate(h)), h, inner_drop, _sub_rng(rng, 2))
         if cfg.use_bottleneck:
             out = self.output_bottleneck(out, x, p_hidden, _sub_rng(rng, 3))
-        return out, scores, probs
+        return (out, scores, probs, qkv) if return_qkv else (out, scores, probs)
 
 
 class Embeddings(nnx.Module):
@@ -262,10 +266,11 @@ class Encoder(nnx.Module):
 
     def __call__(self, input_ids: Array, token_type_ids: Optional[Array] = None,
                  attention_mask: Optional[Array] = None, *, rng: Optional[Array] = None,
-                 num_layers: Optional[int] = None) -> EncoderOutput:
+                 num_layers: Optional[int] = None, return_qkv: bool = False) -> EncoderOutput:
         """Runs the first `num_layers` entries of the layer plan (all by default); dropout only when `rng` is given.
 
-        Progressive knowledge transfer runs the student and the teacher only up to the active layer.
+        Progressive knowledge transfer runs the student and the teacher only up to the active layer. `return_qkv`
+        adds each layer's Q/K/V projections to the output (`EncoderOutput.qkv`); the other outputs are unchanged.
         """
         if input_ids.shape[1] > self.cfg.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
@@ -276,25 +281,29 @@ class Encoder(nnx.Module):
             attention_mask = jnp.ones_like(input_ids)
         plan = self.cfg.plan if num_layers is None else self.cfg.plan[:num_layers]
         x = self.embeddings(input_ids, token_type_ids, _sub_rng(rng, 0))
-        hidden, scores, probs = [x], [], []
+        hidden, scores, probs, qkv = [x], [], [], ([] if return_qkv else None)
         if self.cfg.scan_layers or self.cfg.remat != "none":
-            x = self._run_functional(x, attention_mask, rng, plan, num_layers is not None, hidden, scores, probs)
+            x = self._run_functional(x, attention_mask, rng, plan, num_layers is not None, hidden, scores, probs, qkv)
         else:
             for n, (layer, swap_qk) in enumerate(plan):
-                x, s, p = self.layers[layer](x, attention_mask, _sub_rng(rng, n + 1), swap_qk)
+                x, s, p, *rest = self.layers[layer](x, attention_mask, _sub_rng(rng, n + 1), swap_qk, return_qkv)
                 hidden.append(x)
                 scores.append(s)
                 probs.append(p)
+                if return_qkv:
+                    qkv.append(rest[0])
         first = x[:, 0]
         pooled = jnp.tanh(self.pooler(first)) if self.cfg.classifier_activation else first
-        return EncoderOutput(x, pooled, tuple(hidden), tuple(scores), tuple(probs))
+        return EncoderOutput(x, pooled, tuple(hidden), tuple(scores), tuple(probs),
+                             None if qkv is None else tuple(qkv))
 
-    def _run_functional(self, x, mask, rng, plan, explicit_last: bool, hidden: list, scores: list, probs: list):
+    def _run_functional(self, x, mask, rng, plan, explicit_last: bool, hidden: list, scores: list, probs: list,
+                        qkv: Optional[list] = None):
         """The plan's blocks as a pure function of their parameter states: `lax.scan` over the stacked states
         (`scan_layers`; with `explicit_last`, the last entry runs outside the scan) and/or `jax.checkpoint` (`remat`).
 
         A swapped plan entry (SPS) is the same block with its query and key parameters exchanged. Appends to the
-        output lists and returns the last hidden state.
+        output lists (and to `qkv` when it is a list) and returns the last hidden state.
         """
         graphdef = nnx.graphdef(self.layers[0])
         states = [nnx.state(layer) for layer in self.layers]
@@ -307,7 +316,7 @@ class Encoder(nnx.Module):
             return state
 
         def apply(state, h, site_rng):
-            return nnx.merge(graphdef, state)(h, mask, site_rng)
+            return nnx.merge(graphdef, state)(h, mask, site_rng, return_qkv=qkv is not None)
 
         if self.cfg.remat == "full":
             apply = jax.checkpoint(apply)
@@ -325,13 +334,17 @@ class Encoder(nnx.Module):
                 out = apply(state, h, None if rng is None else jax.random.fold_in(rng, site))
                 return out[0], out
 
-            x, (hs, ss, ps) = jax.lax.scan(body, x, (stacked, jnp.arange(1, n_scan + 1)))
+            x, (hs, ss, ps, *qs) = jax.lax.scan(body, x, (stacked, jnp.arange(1, n_scan + 1)))
             hidden.extend(hs[i] for i in range(n_scan))
             scores.extend(ss[i] for i in range(n_scan))
             probs.extend(ps[i] for i in range(n_scan))
+            if qkv is not None:
+                qkv.extend(tuple(t[i] for t in qs[0]) for i in range(n_scan))
         for n in range(n_scan, len(plan)):
-            x, s, p = apply(entry_state(*plan[n]), x, _sub_rng(rng, n + 1))
+            x, s, p, *rest = apply(entry_state(*plan[n]), x, _sub_rng(rng, n + 1))
             hidden.append(x)
             scores.append(s)
             probs.append(p)
+            if qkv is not None:
+                qkv.append(rest[0])
         return x

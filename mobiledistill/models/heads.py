@@ -59,9 +59,10 @@ class PreTrainingModel(nnx.Module):
         self.nsp = dense(cfg, cfg.hidden_size, 2, rngs)
 
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None, masked_positions: Optional[Array] = None,
-                 *, rng=None, num_layers=None) -> tuple[Array, Array, EncoderOutput]:
+                 *, rng=None, num_layers=None, return_qkv=False) -> tuple[Array, Array, EncoderOutput]:
         """Returns (MLM logits [B, P or S, V] float32, NSP logits [B, 2] float32, encoder output)."""
-        out = self.encoder(input_ids, token_type_ids, attention_mask, rng=rng, num_layers=num_layers)
+        out = self.encoder(input_ids, token_type_ids, attention_mask, rng=rng, num_layers=num_layers,
+                           return_qkv=return_qkv)
         seq = out.sequence_output if masked_positions is None else gather_positions(out.sequence_output,
                                                                                      masked_positions)
         mlm_logits = self.mlm(seq, self.encoder.embeddings.word_embeddings.embedding[...])
@@ -79,8 +80,9 @@ class SequenceClassificationModel(nnx.Module):
         self.classifier = dense(cfg, cfg.hidden_size, num_labels, rngs)
 
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, rng=None,
-                 num_layers=None) -> tuple[Array, EncoderOutput]:
-        out = self.encoder(input_ids, token_type_ids, attention_mask, rng=rng, num_layers=num_layers)
+                 num_layers=None, return_qkv=False) -> tuple[Array, EncoderOutput]:
+        out = self.encoder(input_ids, token_type_ids, attention_mask, rng=rng, num_layers=num_layers,
+                           return_qkv=return_qkv)
         # fold_in takes uint32: a site number no encoder dropout site uses (-1 overflowed).
         site_rng = None if rng is None else jax.random.fold_in(rng, 0x7FFFFFFF)
         pooled = dropout(out.pooled_output, self.dropout_rate, site_rng)
@@ -95,7 +97,8 @@ class SpanModel(nnx.Module):
         self.qa_outputs = dense(cfg, cfg.hidden_size, 2, rngs)
 
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, rng=None,
-                 num_layers=None) -> tuple[Array, Array, EncoderOutput]:
-        out = self.encoder(input_ids, token_type_ids, attention_mask, rng=rng, num_layers=num_layers)
+                 num_layers=None, return_qkv=False) -> tuple[Array, Array, EncoderOutput]:
+        out = self.encoder(input_ids, token_type_ids, attention_mask, rng=rng, num_layers=num_layers,
+                           return_qkv=return_qkv)
         logits = self.qa_outputs(out.sequence_output).astype(jnp.float32)
         return logits[..., 0], logits[..., 1], out
