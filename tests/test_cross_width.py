@@ -12,6 +12,7 @@ from flax import nnx
 
 from mobiledistill.losses import registry, transfer
 from mobiledistill.models import PreTrainingModel, preset
+from mobiledistill.strategies import init_from_teacher, truncated_svd
 
 LENGTHS = (7, 4, 2)
 B, S, DT, DS = len(LENGTHS), 7, 32, 24
@@ -194,3 +195,80 @@ def test_encoder_qkv_output_and_the_registry_term_on_real_models(scan):
     one = registry.make_loss("attn_relation", num_relation_heads=4, layers=[[1, 0]], relations=["vv"])
     assert float(one(t_out, s_out, batch)) == pytest.approx(np_relations(np_t[1], np_s[0], mask(), 4, ("vv",)),
                                                             rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Student embeddings from a teacher of another width
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_truncated_svd_error_equals_numpy():
+    a = rand(0, 97, 32) @ np.diag(np.linspace(2.0, 0.05, 32)).astype(np.float32)
+    factor, basis, err = truncated_svd(a, 12)
+    a64 = a.astype(np.float64)
+    s = np.linalg.svd(a64, compute_uv=False)
+    assert err == pytest.approx(np.sqrt(np.sum(s[12:] ** 2) / np.sum(s ** 2)), rel=1e-9)
+    assert err == pytest.approx(np.linalg.norm(a64 - factor @ basis) / np.linalg.norm(a64), rel=1e-9)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(12), atol=1e-12)  # orthonormal rows
+    f2, b2, e2 = truncated_svd(a, 40)  # more room than columns: exact
+    assert e2 == 0.0 and np.array_equal(f2 @ b2, a64)
+
+
+def _embedding_output(cfg, state, batch):
+    model = nnx.merge(nnx.graphdef(PreTrainingModel(cfg, nnx.Rngs(0))), state)
+    return np.asarray(model.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                                    num_layers=1).hidden_states[0], np.float64)
+
+
+@pytest.mark.parametrize("student_hidden", [32, 24])
+def test_svd_init_matches_the_teachers_embedding_output(student_hidden):
+    """A NoNorm teacher (embedding 32) whose word table has rank 16 plus noise, and a student with embedding 16:
+    the student's initial embedding output (NoNorm = identity at init) is the teacher's, in the student's basis."""
+    t_cfg = preset("test_mobilebert", embedding_size=32)
+    s_cfg = preset("test_mobilebert", embedding_size=16, hidden_size=student_hidden)
+    t_state = nnx.state(PreTrainingModel(t_cfg, nnx.Rngs(0)), nnx.Param)
+    low_rank = rand(1, 97, 16) @ rand(2, 16, 32) * 0.1 + rand(3, 97, 32, scale=1e-4)
+    t_state["encoder"]["embeddings"]["word_embeddings"]["embedding"].set_value(jnp.asarray(low_rank))
+    s_state = nnx.state(PreTrainingModel(s_cfg, nnx.Rngs(1)), nnx.Param)
+    out, report = init_from_teacher(s_state, t_state, s_cfg, t_cfg)
+    sv = np.linalg.svd(low_rank.astype(np.float64), compute_uv=False)
+    assert report["svd_relative_error"] == pytest.approx(np.sqrt(np.sum(sv[16:] ** 2) / np.sum(sv ** 2)), rel=1e-6)
+    assert report["svd_relative_error"] < 1e-3
+    batch = _batch(97)
+    t_emb, s_emb = _embedding_output(t_cfg, t_state, batch), _embedding_output(s_cfg, out, batch)
+    word = np.asarray(out["encoder"]["embeddings"]["word_embeddings"]["embedding"].get_value())
+    assert word.shape == (97, 16)
+    if student_hidden == 32:  # same feature-map width: the same embedding output
+        assert np.linalg.norm(s_emb - t_emb) / np.linalg.norm(t_emb) < 2e-3
+        assert report["heads"] == ("copied where shapes match; student initialisation: "
+                                   "['mlm/extra_output_weights']")
+    else:  # narrower: the teacher's output in the top-24 principal basis Q (orthonormal columns)
+        r = np.random.default_rng(4)  # enough tokens (8 x 32 > 32) to pin the linear map down
+        ids = r.integers(5, 97, (8, 32)).astype(np.int32)
+        many = dict(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=r.integers(0, 2, ids.shape))
+        t_emb, s_emb = (_embedding_output(t_cfg, t_state, many).reshape(-1, 32),
+                        _embedding_output(s_cfg, out, many).reshape(-1, 24))
+        q = np.linalg.lstsq(t_emb, s_emb, rcond=None)[0]
+        assert np.linalg.norm(t_emb @ q - s_emb) / np.linalg.norm(s_emb) < 2e-3
+        np.testing.assert_allclose(q.T @ q, np.eye(24), atol=5e-3)
+        assert np.linalg.norm(s_emb) > 0.8 * np.linalg.norm(t_emb)  # most of the teacher's output is kept
+        assert report["heads"].startswith("copied where shapes match; student initialisation: ['mlm/")
+        assert "nsp/kernel" in report["heads"]
+    # the embedding norm and the layers keep the student's own initialisation
+    for path in ("norm", "scale"), ("norm", "bias"):
+        assert np.array_equal(np.asarray(out["encoder"]["embeddings"][path[0]][path[1]].get_value()),
+                              np.asarray(s_state["encoder"]["embeddings"][path[0]][path[1]].get_value()))
+
+
+def test_equal_shapes_are_copied_and_impossible_inits_refused_in_one_line():
+    t_cfg, s_cfg = preset("test_ib_bert"), preset("test_mobilebert")
+    t_state = nnx.state(PreTrainingModel(t_cfg, nnx.Rngs(0)), nnx.Param)
+    s_state = nnx.state(PreTrainingModel(s_cfg, nnx.Rngs(1)), nnx.Param)
+    out, report = init_from_teacher(s_state, t_state, s_cfg, t_cfg)
+    assert report["embeddings"] == "copied" and report["svd_relative_error"] == 0.0
+    assert np.array_equal(np.asarray(out["encoder"]["embeddings"]["word_embeddings"]["embedding"].get_value()),
+                          np.asarray(t_state["encoder"]["embeddings"]["word_embeddings"]["embedding"].get_value()))
+    other = preset("test_mobilebert", vocab_size=101, hidden_size=24)
+    o_state = nnx.state(PreTrainingModel(other, nnx.Rngs(1)), nnx.Param)
+    with pytest.raises(ValueError, match=r"^cannot initialise the student from a teacher of another width: "
+                                         r"vocab_size student 101 vs teacher 97$"):
+        init_from_teacher(o_state, t_state, other, t_cfg)
