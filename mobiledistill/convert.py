@@ -1,7 +1,10 @@
 """Hugging Face <-> mobiledistill parameters, both directions, through safetensors (never pickle).
 
-Covers `BertModel`, `BertForPreTraining`, `MobileBertModel` and `MobileBertForPreTraining` state dicts and their
-config.json. PyTorch Linear weights are [out, in]; Flax kernels are their transpose.
+Covers `BertModel`, `BertForPreTraining`, `MobileBertModel` and `MobileBertForPreTraining`, and the task models
+`*ForSequenceClassification` (classification and regression) and `*ForQuestionAnswering` (SQuAD spans), state dicts
+and their config.json. PyTorch Linear weights are [out, in]; Flax kernels are their transpose. An SPS (Pea-KD shared
+layer) encoder is written unrolled: one transformers layer per executed plan entry, Q and K exchanged where the plan
+swaps them, so transformers computes the same function with unshared layers.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from flax import nnx
 
 from mobiledistill.models.config import EncoderConfig
 from mobiledistill.models.encoder import Encoder
-from mobiledistill.models.heads import PreTrainingModel
+from mobiledistill.models.heads import PreTrainingModel, SequenceClassificationModel, SpanModel
 
 # (our path, HF name, kind); kind: "linear" (kernel+bias), "linear_nobias", "embed", "norm", "param", "param_t".
 Entry = tuple[tuple, str, str]
@@ -29,15 +32,16 @@ def _norm_dense(ours: tuple, hf: str) -> list[Entry]:
     return [(ours + ("dense",), hf + ".dense", "linear"), (ours + ("norm",), hf + ".LayerNorm", "norm")]
 
 
-def _layer_entries(cfg: EncoderConfig, i: int, hf: str) -> list[Entry]:
+def _layer_entries(cfg: EncoderConfig, i: int, hf: str, swap_qk: bool = False) -> list[Entry]:
     o = ("layers", i)
     e: list[Entry] = []
     if cfg.use_bottleneck:
         e += _norm_dense(o + ("bottleneck_input",), f"{hf}.bottleneck.input")
     if cfg.key_query_shared_bottleneck:
         e += _norm_dense(o + ("bottleneck_attention",), f"{hf}.bottleneck.attention")
-    for name in ("query", "key", "value"):
-        e.append((o + (name,), f"{hf}.attention.self.{name}", "linear"))
+    for name, hf_name in (("query", "key" if swap_qk else "query"), ("key", "query" if swap_qk else "key"),
+                          ("value", "value")):
+        e.append((o + (name,), f"{hf}.attention.self.{hf_name}", "linear"))
     e += _norm_dense(o + ("attention_output",), f"{hf}.attention.output")
     for j in range(cfg.num_feedforward_networks - 1):
         e.append((o + ("ffn", j, "intermediate"), f"{hf}.ffn.{j}.intermediate.dense", "linear"))
@@ -67,8 +71,8 @@ def encoder_entries(cfg: EncoderConfig, prefix: str) -> list[Entry]:
     if cfg.has_embedding_transformation:
         e.append((("embeddings", "embedding_transformation"), f"{prefix}embeddings.embedding_transformation",
                   "linear"))
-    for i in range(cfg.num_hidden_layers):
-        e += _layer_entries(cfg, i, f"{prefix}encoder.layer.{i}")
+    for n, (i, swap_qk) in enumerate(cfg.plan):  # an SPS plan reuses layer i: the same tensors under several names
+        e += _layer_entries(cfg, i, f"{prefix}encoder.layer.{n}", swap_qk)
     if cfg.classifier_activation:
         e.append((("pooler",), f"{prefix}pooler.dense", "linear"))
     return e
@@ -86,6 +90,21 @@ def pretraining_entries(cfg: EncoderConfig) -> list[Entry]:
     if cfg.hidden_size != cfg.embedding_size:
         e.append((("mlm", "extra_output_weights"), "cls.predictions.dense.weight", "param_t"))
     return e
+
+
+def task_entries(model: nnx.Module) -> list[Entry]:
+    """Name table of a task model: the backbone under 'bert.'/'mobilebert.' plus its head."""
+    cfg = model.encoder.cfg
+    e = [(("encoder",) + p, n, k) for p, n, k in encoder_entries(cfg, hf_arch(cfg) + ".")]
+    head = "qa_outputs" if isinstance(model, SpanModel) else "classifier"
+    return e + [((head,), head, "linear")]
+
+
+_TASK_MODELS = (SequenceClassificationModel, SpanModel)
+
+
+def _cfg_of(model: nnx.Module) -> EncoderConfig:
+    return model.cfg if isinstance(model, Encoder) else model.encoder.cfg
 
 
 def _expand(entries: list[Entry]) -> Iterator[tuple[tuple, str, bool]]:
@@ -108,14 +127,17 @@ def _expand(entries: list[Entry]) -> Iterator[tuple[tuple, str, bool]]:
 def _entries_for(model: nnx.Module, cfg: EncoderConfig, prefix: str | None) -> list[Entry]:
     if isinstance(model, PreTrainingModel):
         return pretraining_entries(cfg)
+    if isinstance(model, _TASK_MODELS):
+        return task_entries(model)
     if isinstance(model, Encoder):
         return encoder_entries(cfg, hf_arch(cfg) + "." if prefix is None else prefix)
-    raise TypeError(f"conversion supports Encoder and PreTrainingModel, not {type(model).__name__}")
+    raise TypeError(f"conversion supports Encoder, PreTrainingModel, SequenceClassificationModel and SpanModel, "
+                    f"not {type(model).__name__}")
 
 
 def to_hf_state_dict(model: nnx.Module, prefix: str | None = None) -> dict[str, np.ndarray]:
     """Our parameters as a transformers state dict (float32 numpy); tied decoder weights are included."""
-    cfg = model.encoder.cfg if isinstance(model, PreTrainingModel) else model.cfg
+    cfg = _cfg_of(model)
     flat = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     sd = {hf: (flat[ours].T if t else flat[ours]) for ours, hf, t in _expand(_entries_for(model, cfg, prefix))}
     if isinstance(model, PreTrainingModel):
@@ -124,6 +146,8 @@ def to_hf_state_dict(model: nnx.Module, prefix: str | None = None) -> dict[str, 
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
 
 
+# Head tensors a bare Encoder leaves alone (pre-training heads, classifier, span head).
+_HEAD_PREFIXES = ("cls.", "classifier.", "qa_outputs.")
 _TIED_OR_BUFFERS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "position_ids")
 
 
@@ -141,10 +165,10 @@ def load_hf_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], str
     Old TF-style names (`gamma`/`beta`) are accepted. With `strict`, tensors that the model does not use (other than
     tied copies and buffers) are an error; missing and mis-shaped tensors always are.
     """
-    cfg = model.encoder.cfg if isinstance(model, PreTrainingModel) else model.cfg
+    cfg = _cfg_of(model)
     sd = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
           for k, v in state_dict.items()}
-    prefix = None if isinstance(model, PreTrainingModel) else _detect_prefix(sd, cfg)
+    prefix = _detect_prefix(sd, cfg) if isinstance(model, Encoder) else None
     state = nnx.state(model, nnx.Param)
     flat = {tuple(p): v for p, v in nnx.to_flat_state(state)}
     missing, shapes, used = [], [], set()
@@ -162,7 +186,7 @@ def load_hf_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], str
             continue
         target.set_value(value)
     unexpected = sorted(k for k in sd if k not in used and not any(k.endswith(t) for t in _TIED_OR_BUFFERS)
-                        and not (isinstance(model, Encoder) and k.startswith("cls.")))
+                        and not (isinstance(model, Encoder) and k.startswith(_HEAD_PREFIXES)))
     problems = []
     if missing:
         problems.append(f"missing {missing}")
@@ -176,17 +200,48 @@ def load_hf_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], str
 
 
 def config_to_hf(cfg: EncoderConfig) -> dict:
-    """A transformers config.json dict (BertConfig or MobileBertConfig)."""
+    """A transformers config.json dict (BertConfig or MobileBertConfig); an SPS plan counts as unrolled layers."""
     common = {k: getattr(cfg, k) for k in (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+        "vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "hidden_act",
         "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
         "initializer_range", "layer_norm_eps", "pad_token_id")}
+    common["num_hidden_layers"] = len(cfg.plan)
     if hf_arch(cfg) == "bert":
         return {"model_type": "bert", "architectures": ["BertForPreTraining"], **common}
     mobile = {k: getattr(cfg, k) for k in (
         "embedding_size", "trigram_input", "use_bottleneck", "intra_bottleneck_size", "use_bottleneck_attention",
         "key_query_shared_bottleneck", "num_feedforward_networks", "normalization_type", "classifier_activation")}
     return {"model_type": "mobilebert", "architectures": ["MobileBertForPreTraining"], **common, **mobile}
+
+
+def check_hf_expressible(cfg: EncoderConfig, uses_pooler: bool = True) -> None:
+    """Raises ConversionError for configs whose function transformers would silently compute differently."""
+    if cfg.attention_mask_value != "min":
+        raise ConversionError(f"attention_mask_value={cfg.attention_mask_value!r}: transformers masks with finfo.min, "
+                              f"so the saved model would differ on padded inputs; only 'min' converts exactly")
+    if hf_arch(cfg) == "mobilebert" and cfg.normalization_type == "layer_norm" and not cfg.hf_eps_quirk:
+        raise ConversionError("hf_eps_quirk=False with layer_norm: transformers' MobileBERT uses eps 1e-5 in two "
+                              "LayerNorms, so the saved model would differ; set hf_eps_quirk=True")
+    if uses_pooler and hf_arch(cfg) == "bert" and not cfg.classifier_activation:
+        raise ConversionError("classifier_activation=False on a plain BERT layout: transformers' BERT always has a "
+                              "tanh pooler")
+
+
+def task_config(model: nnx.Module, label_names=None) -> dict:
+    """config.json fields of a task model: architectures, num_labels, id2label/label2id, problem_type."""
+    arch = "Bert" if hf_arch(model.encoder.cfg) == "bert" else "MobileBert"
+    if isinstance(model, SpanModel):
+        return {"architectures": [f"{arch}ForQuestionAnswering"], "num_labels": 2}
+    n = model.num_labels
+    names = list(label_names) if label_names is not None else (
+        ["score"] if n == 1 else [f"LABEL_{i}" for i in range(n)])
+    if len(names) != n:
+        raise ConversionError(f"{len(names)} label names {names} for a {n}-label classifier")
+    return {"architectures": [f"{arch}ForSequenceClassification"], "num_labels": n,
+            "id2label": {str(i): name for i, name in enumerate(names)},
+            "label2id": {name: i for i, name in enumerate(names)},
+            "problem_type": "regression" if n == 1 else "single_label_classification",
+            "classifier_dropout": model.dropout_rate}
 
 
 def config_from_hf(hf: dict, **overrides) -> EncoderConfig:
@@ -217,10 +272,16 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise ConversionError(f"cannot read safetensors file {path}: {e}") from e
 
 
-def save_hf(model: nnx.Module, directory: str) -> None:
-    """Writes `model.safetensors` + `config.json` loadable by transformers' `from_pretrained`."""
+def save_hf(model: nnx.Module, directory: str, label_names=None) -> None:
+    """Writes `model.safetensors` + `config.json` loadable by transformers' `from_pretrained`.
+
+    Encoder -> *Model, PreTrainingModel -> *ForPreTraining, SequenceClassificationModel -> *ForSequenceClassification
+    (num_labels=1: problem_type 'regression'; `label_names` fill id2label/label2id), SpanModel ->
+    *ForQuestionAnswering.
+    """
     from safetensors.numpy import save_file
-    cfg = model.encoder.cfg if isinstance(model, PreTrainingModel) else model.cfg
+    cfg = _cfg_of(model)
+    check_hf_expressible(cfg, uses_pooler=not isinstance(model, (Encoder, SpanModel)))
     os.makedirs(directory, exist_ok=True)
     sd = to_hf_state_dict(model)
     if isinstance(model, PreTrainingModel):  # transformers re-ties these on load; safetensors forbids shared memory
@@ -228,7 +289,9 @@ def save_hf(model: nnx.Module, directory: str) -> None:
         sd.pop("cls.predictions.decoder.bias")
     save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     config = config_to_hf(cfg)
-    if not isinstance(model, PreTrainingModel):
+    if isinstance(model, _TASK_MODELS):
+        config.update(task_config(model, label_names))
+    elif not isinstance(model, PreTrainingModel):
         config["architectures"] = ["BertModel" if config["model_type"] == "bert" else "MobileBertModel"]
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -237,16 +300,28 @@ def save_hf(model: nnx.Module, directory: str) -> None:
 def load_hf(directory: str, pretraining: bool | None = None, **config_overrides) -> nnx.Module:
     """Builds our model from a transformers directory (config.json + model.safetensors).
 
-    `pretraining=None` picks PreTrainingModel when the file has MLM/NSP heads, else the bare Encoder.
+    `pretraining=None` picks by the file's heads: PreTrainingModel (MLM/NSP), SequenceClassificationModel
+    (`classifier`, num_labels from its shape), SpanModel (`qa_outputs`), else the bare Encoder. `pretraining=True`
+    forces PreTrainingModel, `False` the bare Encoder (any head is then ignored).
     """
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.exists(cfg_path):
         raise ConversionError(f"no config.json in {directory}")
     with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f), **config_overrides)
+        hf_config = json.load(f)
+    cfg = config_from_hf(hf_config, **config_overrides)
     sd = read_safetensors(os.path.join(directory, "model.safetensors"))
     if pretraining is None:
         pretraining = "cls.seq_relationship.weight" in sd
+        if not pretraining and "classifier.weight" in sd:
+            model = SequenceClassificationModel(cfg, int(np.shape(sd["classifier.weight"])[0]), nnx.Rngs(0),
+                                                classifier_dropout=hf_config.get("classifier_dropout"))
+            load_hf_state_dict(model, sd)
+            return model
+        if not pretraining and "qa_outputs.weight" in sd:
+            model = SpanModel(cfg, nnx.Rngs(0))
+            load_hf_state_dict(model, sd)
+            return model
     model = PreTrainingModel(cfg, nnx.Rngs(0)) if pretraining else Encoder(cfg, nnx.Rngs(0))
     load_hf_state_dict(model, sd)
     return model
