@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import sys
+import uuid
 from typing import Any, Mapping, Optional
 
 import jax
@@ -49,6 +52,25 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
         text = str(e.args[0])
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _ignore_closed_loop_noise() -> None:
+    """After Orbax gives up on a corrupt checkpoint, TensorStore reads still in flight complete on its closed
+    asyncio loop (Python prints 'Event loop is closed' tracebacks) and their tasks are collected with exceptions
+    nobody retrieved (asyncio logs them at exit): noise after a failure that is reported in one line, filtered out."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+    if getattr(previous, "_mobiledistill", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._mobiledistill = True
+    sys.unraisablehook = hook
 
 
 def _first_failure(why: str) -> str:
@@ -90,9 +112,10 @@ def _abstract(tree):
 
 
 def write_json_atomic(path: epath.Path, obj: Any) -> None:
-    tmp = path.parent / (path.name + ".tmp")
+    """Writes a temporary file of this process's own and replaces `path` with it (an existing one included)."""
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 class StageCheckpoints:
@@ -145,6 +168,7 @@ class StageCheckpoints:
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         problems: list[tuple[int, str]] = []
+        _ignore_closed_loop_noise()
         for step in steps:
             try:
                 restored, why = self.restore(step, params_like, opt_state_like), ""
@@ -195,6 +219,9 @@ class StageCheckpoints:
         barrier(f"done:{self.dir}")
 
 
+_WARNED: set[str] = set()
+
+
 def stage_done(stage_dir: str | epath.Path) -> Optional[dict]:
     """The stage's completion summary, or None if it has not finished.
 
@@ -210,6 +237,9 @@ def stage_done(stage_dir: str | epath.Path) -> Optional[dict]:
             raise ValueError("no integer final_step")
         return done
     except (ValueError, UnicodeDecodeError) as e:
+        if str(path) in _WARNED:  # callers ask more than once per run
+            return None
+        _WARNED.add(str(path))
         warn(f"{path} cannot be read ({_one_line(e, 120)}): the stage counts as unfinished and is completed again "
              f"from its checkpoints")
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping, Sequence
 
 from etils import epath
@@ -85,7 +86,7 @@ def write_report(workdir: epath.Path, stages: Sequence, summaries: Mapping[str, 
         if evals:
             lines += ["Held-out: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in evals.items()), ""]
     path = workdir / "report.md"
-    tmp = workdir / "report.md.tmp"
+    tmp = workdir / f"report.md.tmp-{os.getpid()}"
     tmp.write_text("\n".join(lines) + "\n")
-    tmp.rename(path)
+    tmp.replace(path)  # epath's rename refuses an existing report (a re-run after a lost done.json)
     return path

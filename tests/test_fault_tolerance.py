@@ -223,3 +223,96 @@ def test_cache_of_another_experiment_is_still_refused(tmp_path):
     with pytest.raises(DataError, match="was trained with"):
         trained_tokenizer(_tokenizer_texts(), cache, corpus_name="toy", vocab_size=501)
     assert snapshot(cache) == before
+
+
+# End to end ----------------------------------------------------------------------------------------------------
+
+
+def _run(args, workdir):
+    import subprocess
+    import sys
+
+    from test_pipeline import REPO, env
+
+    e = env()
+    e["PYTHONPATH"] = REPO
+    return subprocess.run([sys.executable, "-m", "mobiledistill.main", *args, f"--workdir={workdir}"], cwd=REPO,
+                          env=e, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+
+
+def _warnings(result):
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def _params(step_dir):
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as c:
+        tree = c.restore(os.path.join(step_dir, "params"))
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+
+def _assert_same_params(a_dir, b_dir):
+    a, b = _params(a_dir), _params(b_dir)
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_pipeline_resumes_past_unreadable_checkpoints_and_done_json_bit_identically(tmp_path):
+    from test_pipeline import tiny
+
+    from mobiledistill.data import embedded_corpus, train_wordpiece
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text(train_wordpiece(embedded_corpus().texts(max_chars=300_000), vocab_size=1024).vocab_text())
+    args = tiny(str(vocab), "--config.train.keep_checkpoints=3", config="configs/teacher.py:local")
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    r = _run(args, ref)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = os.path.join(ref, "teacher", "checkpoints")
+    assert sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) == [4, 8, 12]
+
+    # The stage was cut short after step 12 was written (no done.json) and steps 12 and 8 were damaged.
+    shutil.copytree(ref, run)
+    os.remove(os.path.join(run, "teacher", "done.json"))
+    corrupt_data_files(os.path.join(run, "teacher", "checkpoints", "12"))
+    truncate(os.path.join(run, "teacher", "checkpoints", "8", "opt_state", "_METADATA"))
+    r = _run(args, run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (line,) = _warnings(r)
+    for text in ("checkpoints/12 (item 'params'", "checkpoints/8 (item 'opt_state': JSONDecodeError",
+                 "resuming the stage from step 4"):
+        assert text in line, line
+    assert "resuming at step 4" in r.stdout
+    for step in (8, 12):
+        assert os.path.isdir(os.path.join(run, "teacher", "unreadable_checkpoints", str(step)))
+    _assert_same_params(os.path.join(ckpts, "12"), os.path.join(run, "teacher", "checkpoints", "12"))
+    done = json.load(open(os.path.join(run, "teacher", "done.json")))
+    assert done["eval_loss"] == json.load(open(os.path.join(ref, "teacher", "done.json")))["eval_loss"]
+
+    # A done.json cut short: the stage is completed again from its final checkpoint (no training), same summary.
+    path = os.path.join(run, "teacher", "done.json")
+    truncate(path)
+    r = _run(args, run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (line,) = _warnings(r)
+    assert path in line and "unfinished" in line
+    assert "resuming at step 12" in r.stdout
+    assert json.load(open(path))["eval_loss"] == done["eval_loss"]
+
+    # Nothing readable: one error line, exit 2, nothing moved or deleted.
+    os.remove(path)
+    for step in os.listdir(os.path.join(run, "teacher", "checkpoints")):
+        if step.isdigit():
+            corrupt_data_files(os.path.join(run, "teacher", "checkpoints", step))
+    before = snapshot(run)
+    r = _run(args, run)
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: no readable checkpoint in "), r.stderr[-3000:]
+    assert "nothing was moved or deleted" in lines[0]
+    assert snapshot(run) == before
