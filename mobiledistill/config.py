@@ -86,6 +86,11 @@ def pretraining_config() -> ml_collections.ConfigDict:
     # 'num_layers' (by the student depth L, the TF1 official code), 'stage' (by k + 1 in the stage whose deepest
     # active student layer is k, the TF2 Model Garden recipe).
     c.pkt.loss_normalizer = "mean"
+    # Layer mapping of every layer-wise term (relations.match_layers): 'uniform', 'emb+skip', 'skip' or 'last'.
+    c.pkt.matching = "uniform"
+    # Teacher and student of different head counts: MiniLMv2 attention relations with this many relation heads
+    # (0 = the larger head count that divides both attention widths); different widths: learned FMT projections.
+    c.pkt.relation_heads = 0
 
     c.pd = ml_collections.ConfigDict()
     c.pd.steps = 500_000
@@ -147,12 +152,13 @@ def validate(c: ml_collections.ConfigDict, teacher: EncoderConfig, student: Enco
         if student.num_hidden_layers > teacher.num_hidden_layers:
             bad(f"student.num_hidden_layers={student.num_hidden_layers} exceeds the teacher's "
                 f"{teacher.num_hidden_layers}: layer-wise transfer needs a student no deeper than its teacher")
-        if student.hidden_size != teacher.hidden_size:
-            bad(f"student.hidden_size={student.hidden_size} != teacher.hidden_size={teacher.hidden_size}: "
-                f"feature-map transfer compares the feature maps directly")
-        if student.num_attention_heads != teacher.num_attention_heads:
-            bad(f"student.num_attention_heads={student.num_attention_heads} != teacher's "
-                f"{teacher.num_attention_heads}: attention transfer compares per-head distributions")
+        from mobiledistill.losses.relations import MATCHING_PRESETS
+        if c.pkt.get("matching", "uniform") not in MATCHING_PRESETS:
+            bad(f"pkt.matching={c.pkt.matching!r}; valid: {', '.join(MATCHING_PRESETS)}")
+        heads = int(c.pkt.get("relation_heads", 0))
+        if heads < 0 or (heads and (teacher.true_hidden_size % heads or student.true_hidden_size % heads)):
+            bad(f"pkt.relation_heads={heads} must be 0 (auto) or divide both attention widths (teacher "
+                f"{teacher.true_hidden_size}, student {student.true_hidden_size})")
     if student.vocab_size != teacher.vocab_size:
         bad(f"student.vocab_size={student.vocab_size} != teacher.vocab_size={teacher.vocab_size}")
     if c.data.max_seq_length > min(student.max_position_embeddings, teacher.max_position_embeddings):

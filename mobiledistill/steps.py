@@ -2,7 +2,8 @@
 
 Parameters are `nnx.State`s that go through plain `jax.jit` ("tree style"): a model is rebuilt from its graphdef
 inside the step with `nnx.merge`. Parameters whose learning-rate scale is 0 are wrapped in `stop_gradient`, so XLA
-never computes their gradients, and the optimizer leaves them bit-identical.
+never computes their gradients, and the optimizer leaves them bit-identical. A stage with width projections trains
+them in the same tree (`strategies.projection`): the step splits them off and hands them to the losses.
 """
 
 from __future__ import annotations
@@ -17,15 +18,25 @@ from flax import nnx
 from mobiledistill import losses as losses_lib
 from mobiledistill import optim
 from mobiledistill.models import PreTrainingModel, SequenceClassificationModel, SpanModel
+from mobiledistill.strategies import projection
 from mobiledistill.strategies.stage import Stage
 
 Batch = Mapping[str, jax.Array]
 
 
-def forward(model: nnx.Module, batch: Batch, *, num_layers: Optional[int] = None, rng=None) -> dict[str, Any]:
+QKV_LOSSES = ("attn_relation",)  # registry terms that read the encoders' per-layer Q/K/V
+
+
+def needs_qkv(losses: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether a `build_loss` spec has a term that reads `qkv` (the encoders then return it)."""
+    return any(dict(spec).get("loss", name) in QKV_LOSSES for name, spec in losses.items())
+
+
+def forward(model: nnx.Module, batch: Batch, *, num_layers: Optional[int] = None, rng=None,
+            return_qkv: bool = False) -> dict[str, Any]:
     """Runs a model on a batch and returns the named outputs the loss registry reads."""
     common = dict(token_type_ids=batch.get("token_type_ids"), attention_mask=batch.get("attention_mask"),
-                  rng=rng, num_layers=num_layers)
+                  rng=rng, num_layers=num_layers, return_qkv=return_qkv)
     if isinstance(model, PreTrainingModel):
         mlm, nsp, enc = model(batch["input_ids"], masked_positions=batch.get("masked_lm_positions"), **common)
         outputs = dict(mlm_logits=mlm, nsp_logits=nsp)
@@ -39,7 +50,7 @@ def forward(model: nnx.Module, batch: Batch, *, num_layers: Optional[int] = None
         raise TypeError(f"no forward for {type(model).__name__}")
     return dict(outputs, hidden_states=enc.hidden_states, attention_scores=enc.attention_scores,
                 attention_probs=enc.attention_probs, sequence_output=enc.sequence_output,
-                pooled_output=enc.pooled_output)
+                pooled_output=enc.pooled_output, qkv=enc.qkv)
 
 
 def trainable_mask(params: nnx.State, stage: Stage):
@@ -57,15 +68,20 @@ def make_train_step(stage: Stage, graphdef, params: nnx.State, teacher_graphdef=
     mask = trainable_mask(params, stage)
     loss_fn = losses_lib.build_loss(stage.losses)
     use_teacher = teacher_graphdef is not None
+    qkv = needs_qkv(stage.losses)
 
     def loss_and_metrics(params, teacher_params, batch, rng):
         params = jax.tree.map(lambda m, p: p if m else jax.lax.stop_gradient(p), mask, params)
         teacher_out = None
         if use_teacher:
             teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-            teacher_out = forward(teacher, batch, num_layers=stage.teacher_num_layers)
+            teacher_out = forward(teacher, batch, num_layers=stage.teacher_num_layers, return_qkv=qkv)
+        params, projections = projection.split(params)
         student = nnx.merge(graphdef, params)
-        out = forward(student, batch, num_layers=stage.num_layers, rng=rng if stage.dropout else None)
+        out = forward(student, batch, num_layers=stage.num_layers, rng=rng if stage.dropout else None,
+                      return_qkv=qkv)
+        if projections is not None:
+            out["projections"] = projections
         total, terms = loss_fn(teacher_out, out, batch)
         return total, dict(terms, loss=total)
 
@@ -88,13 +104,17 @@ def make_train_step(stage: Stage, graphdef, params: nnx.State, teacher_graphdef=
 def make_eval_step(stage: Stage, graphdef, teacher_graphdef=None) -> Callable:
     """`eval_step(params, teacher_params, batch) -> metrics` with the stage's losses (no dropout)."""
     loss_fn = losses_lib.build_loss(stage.losses)
+    qkv = needs_qkv(stage.losses)
 
     def eval_step(params, teacher_params, batch):
         teacher_out = None
         if teacher_graphdef is not None:
             teacher_out = forward(nnx.merge(teacher_graphdef, teacher_params), batch,
-                                  num_layers=stage.teacher_num_layers)
-        out = forward(nnx.merge(graphdef, params), batch, num_layers=stage.num_layers)
+                                  num_layers=stage.teacher_num_layers, return_qkv=qkv)
+        params, projections = projection.split(params)
+        out = forward(nnx.merge(graphdef, params), batch, num_layers=stage.num_layers, return_qkv=qkv)
+        if projections is not None:
+            out["projections"] = projections
         total, terms = loss_fn(teacher_out, out, batch)
         metrics = dict(terms, loss=total)
         if "mlm_logits" in out and "masked_lm_ids" in batch:

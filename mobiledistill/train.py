@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -25,7 +26,7 @@ from mobiledistill import convert, perf, sharding, steps
 from mobiledistill.data import PretrainingConfig, PretrainingIterator
 from mobiledistill.metrics import StageMetrics
 from mobiledistill.models import EncoderConfig, PreTrainingModel
-from mobiledistill.strategies import Stage, copy_from_teacher
+from mobiledistill.strategies import Stage, init_from_teacher, projection
 
 # Fault injection for the resume tests: MOBILEDISTILL_FAULT=kill:<stage>:<step> SIGKILLs the process after that step.
 FAULT_ENV = "MOBILEDISTILL_FAULT"
@@ -130,14 +131,33 @@ def _as_state(abstract: nnx.State, pure) -> nnx.State:
 
 
 def initial_params(ctx: RunContext, stage: Stage, cfg: EncoderConfig, abstract, shardings):
+    """(parameters, report of the teacher initialisation or None). `abstract` / `shardings` are the stage's trees:
+    the student's plus fresh width projections when the stage has them (a finished stage hands on the student
+    alone)."""
+    s_abstract, s_shard = projection.drop(abstract), projection.drop(shardings)
+    report = None
     if stage.init == "previous":
-        restored = ckpt.restore_final_params(ctx.workdir / stage.init_from, _with_shardings(abstract, shardings))
-        return _as_state(abstract, restored)
-    params = init_params(cfg, ctx.stage_seed(stage), shardings)
-    if stage.init == "teacher_copy":
-        _, teacher = load_teacher(ctx, stage.teacher_from)
-        params = jax.device_put(copy_from_teacher(params, teacher), shardings)
-    return params
+        restored = ckpt.restore_final_params(ctx.workdir / stage.init_from, _with_shardings(s_abstract, s_shard))
+        params = _as_state(s_abstract, restored)
+    else:
+        params = init_params(cfg, ctx.stage_seed(stage), s_shard)
+        if stage.init == "teacher_copy":
+            _, teacher = load_teacher(ctx, stage.teacher_from)
+            params, report = init_from_teacher(params, teacher, cfg, ctx.teacher_cfg)
+            params = jax.device_put(params, s_shard)
+    if stage.projections:
+        fresh = projection.init_projections(stage.projections, cfg.hidden_size, ctx.teacher_cfg.hidden_size,
+                                            ctx.stage_seed(stage))
+        params = jax.device_put(projection.attach(params, fresh), shardings)
+    return params, report
+
+
+def _read_init_report(stage_dir) -> dict | None:
+    path = stage_dir / "init_from_teacher.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _finite(metrics: dict) -> bool:
@@ -190,6 +210,9 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
     label = f"[{index + 1}/{num_stages} {stage.name}]"
     cfg = ctx.teacher_cfg if stage.trains == "teacher" else ctx.student_cfg
     graphdef, abstract = abstract_model(cfg)
+    if stage.projections:  # trained with the stage, in its parameter tree (strategies/projection.py)
+        abstract = projection.attach(abstract, projection.abstract_projections(
+            stage.projections, cfg.hidden_size, ctx.teacher_cfg.hidden_size))
     p_shard = sharding.tree_shardings(abstract, ctx.mesh)
     teacher = load_teacher(ctx, stage.teacher_from) if stage.teacher_from else (None, None)
     if c.train.nonfinite == "skip":
@@ -204,17 +227,22 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
     data = PretrainingIterator(ctx.train_corpus, ctx.tokenizer, global_batch_size=c.train.global_batch,
                                config=ctx.data_config, seed=ctx.stage_seed(stage),
                                sharding=sharding.batch_sharding(ctx.mesh))
-    like_p = _with_shardings(abstract, p_shard)
+    # The final checkpoint (step == stage.steps) holds the student alone: it is what the next stage reads.
+    final = bool(stage.projections) and checkpoints.latest_step() == stage.steps
+    like_p = _with_shardings(projection.drop(abstract) if final else abstract,
+                             projection.drop(p_shard) if final else p_shard)
     like_o = _with_shardings(jax.eval_shape(tx.init, abstract), o_shard)
     latest = checkpoints.restore_latest(like_p, like_o)  # the newest readable one; None in a new stage
     if latest is not None:
         start, params, opt_state, data_state = latest
-        params = _as_state(abstract, params)
+        params = _as_state(projection.drop(abstract) if start == stage.steps else abstract, params)
         data.set_state(data_state)
     else:
         start = 0
-        params = initial_params(ctx, stage, cfg, abstract, p_shard)
+        params, init_report = initial_params(ctx, stage, cfg, abstract, p_shard)
         opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+        if init_report is not None and jax.process_index() == 0:
+            ckpt.write_json_atomic(stage_dir / "init_from_teacher.json", init_report)
 
     seq, preds = c.data.max_seq_length, ctx.data_config.max_predictions
     flops = perf.stage_flops(stage, cfg, ctx.teacher_cfg if stage.teacher_from else None, seq, preds)
@@ -223,7 +251,11 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
                        (flops[0] * c.train.global_batch / n_dev, flops[1] * c.train.global_batch / n_dev),
                        ctx.peak_flops)
     log.event(f"{'resuming at step ' + str(start) if start else 'starting'}: {stage.steps} steps, trains "
-              f"{stage.trains}, losses {sorted(stage.losses)}")
+              f"{stage.trains}, losses {sorted(stage.losses)}"
+              + (f", learned projections of hidden states {list(stage.projections)}" if stage.projections else ""))
+    init_report = _read_init_report(stage_dir)
+    if init_report and not start:
+        log.event("initialised from the teacher: " + ", ".join(f"{k} {v}" for k, v in init_report.items()))
     base_key = jax.random.key(ctx.stage_seed(stage))
     fault = os.environ.get(FAULT_ENV, "")
     last_good = start
@@ -238,17 +270,21 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
             if done % c.train.log_every == 0 or done == stage.steps or is_ckpt or ctx.sigterm.raised:
                 log_metrics(log, done, metrics, c.train.nonfinite, f"stage {stage.name}", last_good,
                             "lower the learning rate")
-            if save_or_preempt(checkpoints, done, params, opt_state, data, is_ckpt, ctx.sigterm, f"stage {stage.name}"):
+            saved = projection.drop(params) if done == stage.steps else params  # the final one: the student alone
+            if save_or_preempt(checkpoints, done, saved, opt_state, data, is_ckpt, ctx.sigterm, f"stage {stage.name}"):
                 last_good = done
             if fault == f"kill:{stage.name}:{done}":
                 checkpoints.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
+        params = projection.drop(params)  # the stage's projections end here
         if start < stage.steps or checkpoints.latest_step() is None:  # else: killed after its final save
             checkpoints.save(stage.steps, params, opt_state, data.get_state())
         checkpoints.wait()
         summary = {"stage": stage.name, "final_step": stage.steps, "seconds": time.perf_counter() - t0}
-        if stage.eval == "mlm":
-            summary.update(evaluate_mlm(ctx, stage, graphdef, params, teacher))
+        if init_report:
+            summary["init_from_teacher"] = init_report
+        if stage.eval == "mlm":  # on the handed-on student: terms that need the projections are left out
+            summary.update(evaluate_mlm(ctx, projection.student_only(stage), graphdef, params, teacher))
             log.event("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("eval_")))
         checkpoints.mark_done(summary)
         return summary

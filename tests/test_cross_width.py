@@ -7,12 +7,15 @@ The losses are checked against naive NumPy loops on padded batches of unequal le
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 from flax import nnx
 
+from mobiledistill import steps
 from mobiledistill.losses import registry, transfer
 from mobiledistill.models import PreTrainingModel, preset
-from mobiledistill.strategies import init_from_teacher, truncated_svd
+from mobiledistill.strategies import build_stages, init_from_teacher, projection, truncated_svd
 
 LENGTHS = (7, 4, 2)
 B, S, DT, DS = len(LENGTHS), 7, 32, 24
@@ -272,3 +275,155 @@ def test_equal_shapes_are_copied_and_impossible_inits_refused_in_one_line():
     with pytest.raises(ValueError, match=r"^cannot initialise the student from a teacher of another width: "
                                          r"vocab_size student 101 vs teacher 97$"):
         init_from_teacher(o_state, t_state, other, t_cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer-wise stages with a teacher of another width and head count
+# ---------------------------------------------------------------------------------------------------------------
+
+def _cross_models(layers=2):
+    """Teacher: IB-BERT-shaped, feature map 32, 4 heads. Student: MobileBERT-shaped, feature map 24, 2 heads."""
+    return (preset("test_ib_bert", num_hidden_layers=layers, num_attention_heads=4, **NO_DROPOUT),
+            preset("test_mobilebert", num_hidden_layers=layers, hidden_size=24))
+
+
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def test_strategies_accept_other_widths_with_projections_and_relations():
+    from test_engine import make_config
+
+    teacher_cfg, student_cfg = _cross_models(4)
+    student_cfg = student_cfg.replace(num_hidden_layers=2)
+    stages = build_stages(make_config("progressive"), teacher_cfg, student_cfg)
+    assert [s.name for s in stages] == ["teacher", "pkt_00", "pkt_01", "pd"]
+    pkt = stages[2]
+    assert pkt.projections == (2,) and pkt.losses["fmt"]["projection"] is True
+    assert "at" not in pkt.losses and pkt.losses["attn_relation"]["layers"] == [[3, 1]]
+    assert pkt.losses["attn_relation"]["num_relation_heads"] == 4  # divides 64 and 16
+    assert pkt.optimizer.lr_scales[0] == ("^projections/", 1.0)
+    assert stages[3].projections == ()  # PD: no layer-wise terms, nothing to project
+    jkt = build_stages(make_config("joint"), teacher_cfg, student_cfg)[1]
+    assert jkt.projections == (1, 2) and jkt.losses["fmt"]["layers"] == [[1, 0], [3, 1]]
+    # equal widths and heads: the per-head AT and the plain FMT, no projections
+    same = build_stages(make_config("joint"), teacher_cfg.replace(hidden_size=24, num_attention_heads=2),
+                        student_cfg)[1]
+    assert same.projections == () and "at" in same.losses and "projection" not in same.losses["fmt"]
+    # one layer mapping for all layer-wise terms: CKD's presets through relations.match_layers
+    skip = build_stages(make_config("joint", pkt=dict(matching="last")), teacher_cfg, student_cfg)[1]
+    assert skip.losses["fmt"]["layers"] == [[3, 1]] and skip.projections == (2,)
+    with pytest.raises(ValueError, match=r"pkt.relation_heads=3 must divide both attention widths \(teacher 64, "
+                                         r"student 16\)"):
+        build_stages(make_config("joint", pkt=dict(relation_heads=3)), teacher_cfg, student_cfg)
+
+
+def test_joint_stage_across_widths_trains_student_and_projections():
+    """Random teacher, synthetic padded batches: the jkt stage's loss falls, layers and projections move, embeddings
+    (SVD-initialised from the teacher) and heads stay frozen."""
+    from test_engine import FAST_COMPILE, flat, make_config, same_bits, synthetic_batch
+
+    teacher_cfg, student_cfg = _cross_models()
+    stage = build_stages(make_config("joint", pkt=dict(steps_per_layer=15, warmup_steps=0)), teacher_cfg,
+                         student_cfg)[1]
+    t_graphdef, t_params = nnx.split(PreTrainingModel(teacher_cfg, nnx.Rngs(0)), nnx.Param)
+    s_graphdef, s_params = nnx.split(PreTrainingModel(student_cfg, nnx.Rngs(1)), nnx.Param)
+    s_params, report = init_from_teacher(s_params, t_params, student_cfg, teacher_cfg)
+    assert report["embeddings"] == "truncated SVD 16 -> 16" and report["feature_map"] == "32 -> 24"
+    params = projection.attach(s_params, projection.init_projections(stage.projections, 24, 32, 0))
+    tx, step = steps.make_train_step(stage, s_graphdef, params, t_graphdef)
+    opt_state = tx.init(params)
+    batches = [synthetic_batch(i, student_cfg.vocab_size) for i in range(2)]
+    compiled = jax.jit(step).lower(params, opt_state, t_params, batches[0], jax.random.key(0)).compile(FAST_COMPILE)
+    start, history = params, []
+    for i in range(stage.steps):
+        params, opt_state, m = compiled(params, opt_state, t_params, batches[i % 2], jax.random.key(i))
+        history.append({k: float(v) for k, v in m.items()})
+    assert set(history[0]) == {"fmt", "attn_relation", "beta", "gamma", "loss", "grad_norm"}
+    assert all(np.isfinite(v) for m in history for v in m.values())
+    first, last = np.mean([m["loss"] for m in history[:2]]), np.mean([m["loss"] for m in history[-2:]])
+    assert last < 0.9 * first, (first, last)
+    first, last = np.mean([m["fmt"] for m in history[:2]]), np.mean([m["fmt"] for m in history[-2:]])
+    assert last < 0.9 * first, (first, last)
+    before, after = flat(start), flat(params)
+    for path in before:
+        moved = not same_bits(before[path], after[path])
+        if path.startswith(("projections/", "encoder/layers/")):
+            if path.endswith("kernel"):
+                assert moved, path
+        else:
+            assert not moved, path
+    assert projection.drop(params).keys() == s_params.keys()
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory):
+    """A 1-step teacher stage, then a jkt stage with projections through `train.run_stage` in a workdir."""
+    from _data_helpers import corpus
+
+    from mobiledistill import sharding, train
+    from mobiledistill.config import pretraining_config
+    from mobiledistill.data import InMemoryCorpus, train_wordpiece
+
+    docs = [d for d in corpus().documents if len(d) > 400][:60]
+    tok = train_wordpiece(docs, vocab_size=300)
+    teacher_cfg, student_cfg = _cross_models()
+    teacher_cfg, student_cfg = (teacher_cfg.replace(vocab_size=tok.vocab_size),
+                                student_cfg.replace(vocab_size=tok.vocab_size))
+    c = pretraining_config()
+    c.strategy = "joint"
+    c.data.max_seq_length, c.data.max_predictions_per_seq = 32, 5
+    c.train.update(global_batch=8, checkpoint_every=3, log_every=3, keep_checkpoints=3, eval_batches=1)
+    c.teacher.update(steps=1, warmup_steps=0)
+    c.pkt.update(steps_per_layer=3, warmup_steps=0, lr=5e-3)
+    stages = build_stages(c, teacher_cfg, student_cfg)
+    workdir = tmp_path_factory.mktemp("cross_width")
+
+    def run(name):
+        ctx = train.RunContext(epath.Path(workdir), c, sharding.make_mesh(), teacher_cfg, student_cfg, tok,
+                               InMemoryCorpus("train", docs[10:]), InMemoryCorpus("heldout", docs[:10]), 1e9,
+                               train.SigtermFlag())
+        stage = next(s for s in stages if s.name == name)
+        return train.run_stage(ctx, stage, 0, len(stages))
+
+    run("teacher")
+    summary = run("jkt")
+    return dict(workdir=workdir, run=run, stages=stages, summary=summary, student_cfg=student_cfg)
+
+
+def _raw_params(stage_dir, step):
+    manager = ocp.CheckpointManager(stage_dir / "checkpoints", item_names=("params", "opt_state", "data"))
+    try:
+        tree = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
+    finally:
+        manager.close()
+    return {jax.tree_util.keystr(p).removesuffix("['value']"): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_projections_are_checkpointed_resumed_and_not_handed_on(stage_run, capsys):
+    from mobiledistill import checkpoint as ckpt
+    from mobiledistill import train
+
+    jkt_dir = stage_run["workdir"] / "jkt"
+    assert stage_run["summary"]["final_step"] == 6
+    assert stage_run["summary"]["init_from_teacher"]["feature_map"] == "32 -> 24"
+    mid, final = _raw_params(jkt_dir, 3), _raw_params(jkt_dir, 6)
+    proj = sorted(k for k in mid if k.startswith("['projections']"))
+    assert proj == [f"['projections']['{i}']['{n}']" for i in (1, 2) for n in ("bias", "kernel")]
+    assert mid["['projections']['1']['kernel']"].shape == (24, 32)
+    assert not any(k.startswith("['projections']") for k in final)  # the hand-off is the student alone
+    # the next stage (and fine-tuning's init=stage:) reads the final checkpoint with the plain student tree
+    _, abstract = train.abstract_model(stage_run["student_cfg"])
+    handed = ckpt.restore_final_params(jkt_dir, abstract)
+    assert "projections" not in handed and set(handed) == {"encoder", "mlm", "nsp"}
+    # interrupted after step 3: the rerun restores the step-3 projections and ends bit-identical
+    import shutil
+
+    shutil.rmtree(jkt_dir / "checkpoints" / "6")
+    (jkt_dir / "done.json").unlink()
+    stage_run["run"]("jkt")
+    again = _raw_params(jkt_dir, 6)
+    assert again.keys() == final.keys()
+    for k in final:
+        assert np.array_equal(again[k], final[k]), k
+    assert "resuming at step 3: 6 steps" in capsys.readouterr().out

@@ -6,10 +6,13 @@ same student trained from scratch for the PD budget (the baseline the distilled 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from mobiledistill.losses.relations import match_layers
 from mobiledistill.models import EncoderConfig
 from mobiledistill.optim import OptimizerConfig, progressive_lr_rules
+from mobiledistill.strategies import projection
 from mobiledistill.strategies.stage import Stage
 
 TEACHER = "teacher"
@@ -20,19 +23,34 @@ STRATEGIES = ("progressive", "joint", "auxiliary", "teacher")
 TRANSFER_TRAINS = (("^encoder/layers/", 1.0),)
 
 
-def layer_map(teacher: EncoderConfig, student: EncoderConfig) -> list[tuple[int, int]]:
-    """(teacher layer, student layer) pairs for layer-wise transfer: identity for equal depth, else uniform."""
+def layer_map(teacher: EncoderConfig, student: EncoderConfig, matching: str = "uniform") -> list[tuple[int, int]]:
+    """(teacher layer, student layer) 0-based pairs for layer-wise transfer, from `relations.match_layers` (the one
+    layer mapping of every layer-wise term): 'uniform' (default) is the identity for equal depths and student layer
+    k -> teacher round((k + 1) L_T / L_S) - 1 otherwise; 'emb+skip' / 'skip' / 'last' as for CKD (pairs with the
+    embedding output are left out: it is the teacher's copy, not a layer). Any widths and head counts: unequal
+    feature-map widths use learned projections, unequal head counts attention relations (`_transfer_losses`)."""
     lt, ls = teacher.num_hidden_layers, student.num_hidden_layers
     if ls > lt:
         raise ValueError(f"student has {ls} layers but the teacher only {lt}: layer-wise transfer needs a student "
                          f"no deeper than its teacher")
-    if teacher.hidden_size != student.hidden_size:
-        raise ValueError(f"feature-map transfer needs equal feature-map widths: teacher hidden_size="
-                         f"{teacher.hidden_size}, student hidden_size={student.hidden_size}")
-    if teacher.num_attention_heads != student.num_attention_heads:
-        raise ValueError(f"attention transfer needs equal head counts: teacher {teacher.num_attention_heads}, "
-                         f"student {student.num_attention_heads}")
-    return [((k + 1) * lt // ls - 1, k) for k in range(ls)]
+    ti, si = match_layers(lt, ls, matching)
+    return [(t - 1, s - 1) for t, s in zip(ti, si) if t > 0 and s > 0]
+
+
+def relation_heads(teacher: EncoderConfig, student: EncoderConfig, requested: int = 0) -> int:
+    """Relation heads of MiniLMv2 attention transfer: `requested`, or (0) the larger of the two models' head counts
+    that divides both attention widths, else their widths' greatest common divisor's largest divisor <= 64 heads."""
+    dt, ds = teacher.true_hidden_size, student.true_hidden_size
+    if requested:
+        if dt % requested or ds % requested:
+            raise ValueError(f"pkt.relation_heads={requested} must divide both attention widths (teacher {dt}, "
+                             f"student {ds})")
+        return int(requested)
+    for h in sorted({teacher.num_attention_heads, student.num_attention_heads}, reverse=True):
+        if dt % h == 0 and ds % h == 0:
+            return h
+    g = math.gcd(dt, ds)
+    return max(h for h in range(1, min(g, 64) + 1) if g % h == 0)
 
 
 def _loss_normalizer(c, pairs, student_layers: int) -> int | None:
@@ -45,12 +63,34 @@ def _loss_normalizer(c, pairs, student_layers: int) -> int | None:
     return None
 
 
-def _transfer_losses(c, pairs, student_layers: int) -> dict[str, dict[str, Any]]:
+def _transfer_losses(c, pairs, teacher: EncoderConfig, student: EncoderConfig) -> dict[str, dict[str, Any]]:
+    """The weighted layer-wise terms of `pairs`. Unequal feature-map widths: FMT through the stage's learned
+    projections (`projection=True`). Unequal head counts: the AT weight goes to MiniLMv2 attention relations
+    (`attn_relation`, `pkt.relation_heads` heads, 0 = `relation_heads` auto). beta/gamma need no common width."""
     w = c.pkt.weights
+    norm = _loss_normalizer(c, pairs, student.num_hidden_layers)
     opts = dict(layers=[list(p) for p in pairs], mask_padding=c.pkt.mask_padding,
                 official_stats_bug=c.pkt.official_stats_bug, ln_eps=float(c.pkt.get("ln_eps", 1e-12)),
-                layer_normalizer=_loss_normalizer(c, pairs, student_layers))
-    return {name: dict(weight=float(w[name]), **opts) for name in ("fmt", "at", "beta", "gamma") if w[name]}
+                layer_normalizer=norm)
+    losses = {name: dict(weight=float(w[name]), **opts) for name in ("fmt", "at", "beta", "gamma") if w[name]}
+    if "fmt" in losses and teacher.hidden_size != student.hidden_size:
+        losses["fmt"]["projection"] = True
+    if "at" in losses and teacher.num_attention_heads != student.num_attention_heads:
+        del losses["at"]
+        losses["attn_relation"] = dict(weight=float(w["at"]), layers=[list(p) for p in pairs],
+                                       num_relation_heads=relation_heads(teacher, student,
+                                                                         int(c.pkt.get("relation_heads", 0))),
+                                       mask_padding=c.pkt.mask_padding, layer_normalizer=norm)
+    return losses
+
+
+def _projected(losses, pairs) -> tuple[int, ...]:
+    """Student hidden-state indices that need a learned projection (layer k -> hidden state k + 1)."""
+    return tuple(sk + 1 for _, sk in pairs) if projection.uses_projections(losses) else ()
+
+
+def _with_projection_rule(rules, projected) -> tuple:
+    return (projection.LR_RULE, *rules) if projected else tuple(rules)
 
 
 def _pd_losses(c) -> dict[str, dict[str, Any]]:
@@ -95,15 +135,17 @@ def progressive(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage
     statistics of every teacher hidden state (the official TF1 graph always computes the whole teacher).
     """
     stages, previous = [], None
-    for tk, sk in layer_map(teacher, student):
+    for tk, sk in layer_map(teacher, student, c.pkt.get("matching", "uniform")):
         name = f"pkt_{sk:02d}"
-        rules = progressive_lr_rules(sk, c.pkt.lower_layer_scale)
-        opt = _lamb(c.pkt, c.pkt.steps_per_layer, "constant", lr_scales=tuple(rules), default_lr_scale=0.0)
-        losses = _transfer_losses(c, [(tk, sk)], student.num_hidden_layers)
+        losses = _transfer_losses(c, [(tk, sk)], teacher, student)
+        projected = _projected(losses, [(tk, sk)])
+        rules = _with_projection_rule(progressive_lr_rules(sk, c.pkt.lower_layer_scale), projected)
+        opt = _lamb(c.pkt, c.pkt.steps_per_layer, "constant", lr_scales=rules, default_lr_scale=0.0)
         stages.append(Stage(name, c.pkt.steps_per_layer, losses, opt,
                             init="teacher_copy" if previous is None else "previous", init_from=previous,
                             teacher_from=_teacher_ref(c), num_layers=sk + 1,
-                            teacher_num_layers=None if c.pkt.official_stats_bug else tk + 1))
+                            teacher_num_layers=None if c.pkt.official_stats_bug else tk + 1,
+                            projections=projected))
         previous = name
     return stages
 
@@ -111,18 +153,23 @@ def progressive(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage
 def joint(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage]:
     """All layers' transfer losses together in one stage with the same total step budget."""
     steps = c.pkt.steps_per_layer * student.num_hidden_layers
-    opt = _lamb(c.pkt, steps, "constant", lr_scales=TRANSFER_TRAINS, default_lr_scale=0.0)
-    losses = _transfer_losses(c, layer_map(teacher, student), student.num_hidden_layers)
+    pairs = layer_map(teacher, student, c.pkt.get("matching", "uniform"))
+    losses = _transfer_losses(c, pairs, teacher, student)
+    projected = _projected(losses, pairs)
+    opt = _lamb(c.pkt, steps, "constant", lr_scales=_with_projection_rule(TRANSFER_TRAINS, projected),
+                default_lr_scale=0.0)
     return [Stage("jkt", steps, losses, opt, init="teacher_copy",
-                  teacher_from=_teacher_ref(c))]
+                  teacher_from=_teacher_ref(c), projections=projected)]
 
 
 def auxiliary(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage]:
     """One stage: all layers' transfer losses plus the pre-training distillation loss; all parameters train."""
     steps = c.pd.steps
-    losses = {**_transfer_losses(c, layer_map(teacher, student), student.num_hidden_layers), **_pd_losses(c)}
+    pairs = layer_map(teacher, student, c.pkt.get("matching", "uniform"))
+    losses = {**_transfer_losses(c, pairs, teacher, student), **_pd_losses(c)}
     opt = _lamb(c.pd, steps, "warmup_linear", end_lr_ratio=c.pd.end_lr_ratio)
-    return [Stage("akt", steps, losses, opt, init="teacher_copy", teacher_from=_teacher_ref(c), eval="mlm")]
+    return [Stage("akt", steps, losses, opt, init="teacher_copy", teacher_from=_teacher_ref(c), eval="mlm",
+                  projections=_projected(losses, pairs))]
 
 
 def pretraining_distillation(c, init_from: str) -> Stage:

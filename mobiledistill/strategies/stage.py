@@ -26,6 +26,9 @@ class Stage:
     num_layers / teacher_num_layers: run the student / teacher only this deep (progressive transfer).
     dropout: whether the trained model runs with dropout (distillation stages run without).
     eval: what to evaluate at the end ('mlm' = held-out MLM accuracy), or None.
+    projections: student hidden-state indices that get a learned student->teacher width projection, trained with the
+        stage and dropped from the student it hands on (`strategies.projection`); loss terms read them with
+        `projection=True`. Empty when the feature-map widths match.
     """
 
     name: str
@@ -40,6 +43,7 @@ class Stage:
     teacher_num_layers: Optional[int] = None
     dropout: bool = False
     eval: Optional[str] = None
+    projections: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.trains not in TRAINS:
@@ -52,3 +56,11 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: init='teacher_copy' needs teacher_from")
         if self.steps < 0:
             raise ValueError(f"stage {self.name!r}: steps={self.steps} must be >= 0")
+        object.__setattr__(self, "projections", tuple(int(i) for i in self.projections))
+        if any(i < 0 for i in self.projections) or len(set(self.projections)) != len(self.projections):
+            raise ValueError(f"stage {self.name!r}: projections={self.projections} must be distinct hidden-state "
+                             f"indices >= 0")
+        projected = sorted(n for n, spec in self.losses.items() if dict(spec).get("projection", False))
+        if projected and not self.projections:
+            raise ValueError(f"stage {self.name!r}: loss terms {projected} use projections but the stage has none "
+                             f"(set Stage.projections)")
