@@ -70,17 +70,18 @@ def machine() -> dict:
                 load_average_at_start=os.getloadavg())
 
 
-def make_batch(vocab: int, predictions: int, seed: int = 0) -> dict:
+def make_batch(vocab: int, predictions: int, seed: int = 0, batch: int = B, seq: int = S) -> dict:
+    """A random MLM+NSP batch of `batch` x `seq` tokens with `predictions` masked positions per sequence."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (B, S)).astype(np.int32)
-    if predictions == S:
-        pos = np.tile(np.arange(S, dtype=np.int32), (B, 1))
+    ids = rng.integers(1, vocab, (batch, seq)).astype(np.int32)
+    if predictions == seq:
+        pos = np.tile(np.arange(seq, dtype=np.int32), (batch, 1))
     else:
-        pos = np.sort(np.stack([rng.choice(np.arange(1, S), predictions, replace=False) for _ in range(B)]), 1)
-    return dict(input_ids=ids, token_type_ids=(np.arange(S)[None] >= S // 2).astype(np.int32).repeat(B, 0),
-                attention_mask=np.ones((B, S), np.int32), masked_lm_positions=pos.astype(np.int32),
+        pos = np.sort(np.stack([rng.choice(np.arange(1, seq), predictions, replace=False) for _ in range(batch)]), 1)
+    return dict(input_ids=ids, token_type_ids=(np.arange(seq)[None] >= seq // 2).astype(np.int32).repeat(batch, 0),
+                attention_mask=np.ones((batch, seq), np.int32), masked_lm_positions=pos.astype(np.int32),
                 masked_lm_ids=np.take_along_axis(ids, pos, 1), masked_lm_weights=np.ones(pos.shape, np.float32),
-                next_sentence_labels=rng.integers(0, 2, (B,)).astype(np.int32))
+                next_sentence_labels=rng.integers(0, 2, (batch,)).astype(np.int32))
 
 
 def memory(compiled) -> dict:
@@ -94,7 +95,8 @@ def memory(compiled) -> dict:
         return {"error": str(e)}
 
 
-def compile_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, seed: int = 0):
+def compile_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, seed: int = 0, batch: int = B,
+                 seq: int = S):
     """(compiled train step, its arguments, compile seconds)."""
     graphdef, params = nnx.split(PreTrainingModel(cfg, nnx.Rngs(seed)), nnx.Param)
     t_graphdef = t_params = None
@@ -102,19 +104,19 @@ def compile_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, seed
         t_graphdef, t_params = nnx.split(PreTrainingModel(teacher_cfg, nnx.Rngs(seed + 1)), nnx.Param)
     tx, step = steps.make_train_step(stage, graphdef, params, t_graphdef)
     opt_state = tx.init(params)
-    batch = {k: jnp.asarray(v) for k, v in make_batch(cfg.vocab_size, predictions, seed).items()}
+    data = {k: jnp.asarray(v) for k, v in make_batch(cfg.vocab_size, predictions, seed, batch, seq).items()}
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, t_params, batch, jax.random.key(0))
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, t_params, data, jax.random.key(0))
     compiled = compiled.compile()
-    return compiled, (params, opt_state, t_params, batch), time.perf_counter() - t0
+    return compiled, (params, opt_state, t_params, data), time.perf_counter() - t0
 
 
 def time_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, repeats: int = 5, seed: int = 0,
-              profile_peak: float | None = None) -> dict:
+              profile_peak: float | None = None, batch: int = B, seq: int = S) -> dict:
     """Compile and time one jitted train step; returns timings, FLOPs and memory (and `profile` against
     `profile_peak` FLOP/s when given)."""
     compiled, (params, opt_state, t_params, batch), compile_s = compile_ours(stage, cfg, teacher_cfg, predictions,
-                                                                             seed)
+                                                                             seed, batch, seq)
     key = jax.random.key(0)
     times = []
     for i in range(repeats + 1):
