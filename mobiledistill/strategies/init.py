@@ -94,8 +94,10 @@ def _feature_basis(word_part: np.ndarray, extra: list[np.ndarray], h_t: int, h_s
         return np.eye(h_t)
     if h_s > h_t:
         return np.eye(h_t, h_s)
-    _, _, vt = np.linalg.svd(np.concatenate([word_part, *extra]), full_matrices=False)
-    return vt[:h_s].T
+    x = np.concatenate([word_part, *extra])
+    # right singular vectors of x = eigenvectors of the small Gram matrix x^T x [h_t, h_t] (fast for a 30k vocab)
+    evals, evecs = np.linalg.eigh(x.T @ x)
+    return evecs[:, np.argsort(evals)[::-1][:h_s]]
 
 
 def init_from_teacher(student: nnx.State, teacher: nnx.State, student_cfg, teacher_cfg) -> tuple[nnx.State, dict]:
