@@ -45,7 +45,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from mobiledistill import checkpoint as ckpt
-from mobiledistill import convert, evaluate, sharding, steps
+from mobiledistill import convert, evaluate, sharding, steps, workdir_lock
 from mobiledistill.config import MODEL_FIELDS, ConfigError
 from mobiledistill.data import (
     ArrayIterator,
@@ -1011,8 +1011,15 @@ def write_report(c, workdir: epath.Path, ctx: Context, summaries: Mapping[int, d
 def run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Trains (or resumes) every seed of `c` in `workdir`, then writes report.md; returns {seed: summary}.
 
-    With `c.mode == 'eval'` re-evaluates the finished seeds instead (see `evaluate_run`).
+    With `c.mode == 'eval'` re-evaluates the finished seeds instead (see `evaluate_run`). The workdir has one
+    writer at a time (mobiledistill.workdir_lock); a bad config is refused before the workdir is touched.
     """
+    validate(c)
+    with workdir_lock.hold(workdir):
+        return _run(c, workdir, allow_config_change=allow_config_change)
+
+
+def _run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
     workdir = epath.Path(workdir)
     validate(c)
     if c.mode == "eval":

@@ -9,7 +9,7 @@ from etils import epath
 
 from mobiledistill import checkpoint as ckpt
 from mobiledistill import config as config_lib
-from mobiledistill import perf, sharding
+from mobiledistill import perf, sharding, workdir_lock
 from mobiledistill.data import InMemoryCorpus, corpus_from_config, load_tokenizer, trained_tokenizer
 from mobiledistill.data.errors import DataError
 from mobiledistill.models import count_params
@@ -107,7 +107,12 @@ def describe(c, teacher, student, stages, num_devices: int) -> str:
 
 
 def run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
-    """Runs (or resumes) the whole pipeline in `workdir`; returns the stage summaries."""
+    """Runs (or resumes) the whole pipeline in `workdir` as its one writer; returns the stage summaries."""
+    with workdir_lock.hold(workdir):
+        return _run(c, workdir, allow_config_change=allow_config_change)
+
+
+def _run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
     workdir = epath.Path(workdir)
     teacher, student, stages = plan(c)
     finished = {s.name: ckpt.stage_done(workdir / s.name) for s in stages}
