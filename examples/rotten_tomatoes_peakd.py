@@ -7,7 +7,8 @@ Same student as examples/rotten_tomatoes.py (3-layer, 128-wide BERT, random init
 training sentences, seq 64, over `--seeds`:
   kd     plain KD (T 2, T^2, + 0.5 CE): the example's `OUT/student_kd` (reused when the settings match).
   peakd  Pea-KD: SPS 'paired' student (3 distinct layers, 6 effective), PTP stage (4-way teacher-derived labels,
-         `--ptp_epochs`, seed 0) then PKD (0.3 CE + 0.7 T^2 KL at T 10) from the PTP encoder. The patience term is
+         `--ptp_epochs`, seed 0) then PKD (0.3 CE + 0.7 T^2 KL at T 10, the KL averaged over batch x classes as
+         the official code) from the PTP encoder. The patience term is
          off: it compares [CLS] states of equal width, and the student is 128-wide vs the teacher's 384.
   ckd    plain KD + CKD's four relation terms (WR/LTR pair + angle, 'emb+skip' matching) with the sst2 weights;
          ckd@S scales the four relation weights by S (e.g. ckd@0.01).
@@ -35,25 +36,30 @@ from mobiledistill.losses.relations import ckd_relation_spec, ckd_task_hparams  
 from mobiledistill.strategies.peakd import ptp_thresholds  # noqa: E402
 
 
-def peakd(args, model_dir, teacher_dir, out):
-    """PTP (seed 0) then PKD (all seeds) on the SPS student; returns {seed: metrics}."""
-    ptp = student_config(args, model_dir, None)
-    ptp.seeds = (0,)
+def ptp_then_pkd(ptp, pkd, teacher_dir: str, out: str, extra_losses: dict):
+    """Pea-KD on Rotten Tomatoes (SST-2 thresholds): the PTP stage (first seed of `ptp`) on the SPS 'paired'
+    student, then PKD (all seeds of `pkd`: 0.3 CE + `extra_losses`) from the PTP encoder; returns {seed: metrics}."""
+    ptp.seeds = tuple(ptp.seeds)[:1]
     ptp.sps = "paired"
-    ptp.train.epochs = args.ptp_epochs
     t1, t2 = ptp_thresholds("sst2")
     ptp.ptp = ml_collections.ConfigDict({"teacher": f"finetune:{teacher_dir}", "t1": t1, "t2": t2})
     ptp_dir = os.path.join(out, "ptp")
     finetune.run(ptp, ptp_dir)
-    pkd = student_config(args, model_dir, teacher_dir)
     pkd.init = f"ptp:{ptp_dir}/seed_0"
     pkd.model = finetune.finetune_config().model  # the architecture (and SPS plan) comes from the PTP encoder
     pkd.sps = "paired"
     pkd.distill.kd_weight = 0.0
     pkd.distill.ce_weight = 0.3
-    pkd.distill.extra_losses = ml_collections.ConfigDict(
-        {"kl_kd": {"weight": 0.7, "temperature": 10.0, "t_squared": True}})
+    pkd.distill.extra_losses = ml_collections.ConfigDict(extra_losses)
     return finetune.run(pkd, os.path.join(out, "pkd"))
+
+
+def peakd(args, model_dir, teacher_dir, out):
+    """PTP (seed 0) then PKD (all seeds) on the SPS student, no patience (the widths differ)."""
+    ptp = student_config(args, model_dir, None)
+    ptp.train.epochs = args.ptp_epochs
+    kl = {"weight": 0.7, "temperature": 10.0, "t_squared": True, "reduction": "elementwise_mean"}
+    return ptp_then_pkd(ptp, student_config(args, model_dir, teacher_dir), teacher_dir, out, {"kl_kd": kl})
 
 
 def ckd(args, model_dir, teacher_dir, out, scale=1.0):
