@@ -356,6 +356,13 @@ def latency(src: Source, hf_dir: str, onnx_files: dict[str, str], seq_len: int, 
     return out
 
 
+def machine() -> dict:
+    """What the latencies depend on: on a loaded machine PyTorch's spinning threads suffer most."""
+    import torch
+    return {"cpus": len(os.sched_getaffinity(0)), "load_average_1min": round(os.getloadavg()[0], 2),
+            "torch_threads": torch.get_num_threads()}
+
+
 def verify(src: Source, hf_dir: str, onnx_files: dict[str, str], seq_len: int, hf_written: bool = True,
            batch: int = 8, repeats: int = 10) -> dict:
     """Each written file in its own runtime against the JAX model; raises VerifyError when an fp32 file is off.
@@ -376,6 +383,7 @@ def verify(src: Source, hf_dir: str, onnx_files: dict[str, str], seq_len: int, h
             raise VerifyError(f"{name}: max relative error {r['max_rel_err']:.3g} vs the JAX model exceeds "
                               f"{FP32_TOL:g} (output {r['worst_output']})")
     results["latency_ms_batch1"] = latency(src, hf_dir, onnx_files, seq_len, repeats)
+    results["machine"] = machine()
     return results
 
 
@@ -426,9 +434,11 @@ def model_card(src: Source, record: dict) -> str:
     lines += ["", f"`{HIDDEN}` channel ranges: largest {h['largest_channel_range']:.3g}, median "
               f"{h['median_channel_range']:.3g} (a ratio in the hundreds is the NoNorm outlier hazard for int8).",
               "", "Accuracy on labelled data is not measured here; agreement is with the fp32 JAX model on random "
-              "inputs.", "", f"## Latency, batch 1 x {record['seq_len']} (median, this machine, one run)", "",
+              "inputs.", "", f"## Latency, batch 1 x {record['seq_len']} (median, this machine, one run)", ""]
+    lat, m = v["latency_ms_batch1"], v["machine"]
+    lines += [f"{m['cpus']} CPUs, 1-minute load average {m['load_average_1min']} when done, PyTorch with "
+              f"{m['torch_threads']} threads: on a loaded machine the ratios (PyTorch's most) are unreliable.", "",
               "| runtime | ms | speed-up vs PyTorch eager fp32 |", "|---|---|---|"]
-    lat = v["latency_ms_batch1"]
     for k, ms in lat.items():
         lines.append(f"| {k} | {ms:.2f} | {lat['pytorch_eager_fp32'] / ms:.2f}x |")
     return "\n".join(lines) + "\n"

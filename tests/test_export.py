@@ -199,6 +199,7 @@ def check_verified(out, kind, formats):
             assert 0 < r["max_rel_err"] < 1
     lat = record["verify"]["latency_ms_batch1"]
     assert {"jax_jit_fp32", "pytorch_eager_fp32"} <= set(lat) and all(v > 0 for v in lat.values())
+    assert record["verify"]["machine"]["cpus"] >= 1
     card = open(os.path.join(out, "model_card.md")).read()
     assert "## Verification" in card and "## Latency" in card
     assert ("| `model.int8.onnx` | onnxruntime | int8_dynamic |" in card) == ("onnx" in formats)
