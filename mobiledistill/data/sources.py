@@ -161,9 +161,17 @@ def text_files(
 
 
 def read_records(
-    path: str, report: SkipReport, *, on_bad_record: str = "skip", delimiter: str | None = None
+    path: str,
+    report: SkipReport,
+    *,
+    on_bad_record: str = "skip",
+    delimiter: str | None = None,
+    line_numbers: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of a .jsonl/.json-lines, .csv or .tsv file as dicts (header row names the CSV/TSV columns)."""
+    """Rows of a .jsonl/.json-lines, .csv or .tsv file as dicts (header row names the CSV/TSV columns).
+
+    `line_numbers`, when given, receives the file line of each returned row (for errors that name the row).
+    """
     _check_policy(on_bad_record)
     lower = path.lower()
     is_jsonl = lower.endswith((".jsonl", ".ndjson")) or (lower.endswith(".json") and delimiter is None)
@@ -185,6 +193,8 @@ def read_records(
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
             rows.append(row)
+            if line_numbers is not None:
+                line_numbers.append(n)
         return rows
     if delimiter is None:
         delimiter = "\t" if lower.endswith((".tsv", ".tsv.txt")) else ","
@@ -206,6 +216,8 @@ def read_records(
             report.add("malformed_rows", f"{path}: row {n}")
             continue
         rows.append(dict(zip(header, values)))
+        if line_numbers is not None:
+            line_numbers.append(reader.line_num)
     return rows
 
 
