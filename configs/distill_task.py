@@ -10,6 +10,9 @@ init=stage:runs/mobilebert/pd --workdir=runs/kd_sst2
       --workdir=/tmp/kd                                                  # seconds, after a tiny teacher run
 
 `arg`: the keys of configs/finetune_glue.py (task, init, teacher, tokenizer, seeds, epochs, tiny) plus ckd=1.
+task=custom (your own labels, local files; see configs/finetune_glue.py) distils at T=2 with the config's lr and
+epochs (CKD has no official weights for it: ckd=1 is refused); from a `finetune:` teacher it takes the teacher's
+label names, so class ids match.
 `teacher` is required: finetune:<workdir of a finished fine-tuning run>[/seed_<s>] or hf:<fine-tuned transformers
 dir>; the student shares the teacher's tokenizer (the student's init must have the same vocab).
 
@@ -29,8 +32,13 @@ def get_config(arg=None):
     apply_arg(c, args)
     if not c.distill.teacher:
         raise ConfigError("distill_task.py needs teacher=finetune:<workdir> or teacher=hf:<fine-tuned dir>")
+    if c.task == "custom" and ckd:
+        raise ConfigError("distill_task.py: ckd=1 needs a GLUE task (CKD's official per-task weights); for "
+                          "task=custom add relation terms with --config.distill.extra_losses")
     if c.task in ("wnli",):
         hp = {"temperature": 1.0, "lr": c.train.lr, "epochs": c.train.epochs}
+    elif c.task == "custom":
+        hp = {"temperature": 2.0, "lr": c.train.lr, "epochs": c.train.epochs}
     else:
         hp = ckd_task_hparams(c.task)
     c.distill.temperature = float(hp["temperature"])

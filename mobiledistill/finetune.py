@@ -19,6 +19,13 @@ runner) the loss is the teacher's logit KD at `temperature` (+ `ce_weight` x the
 `c.distill.extra_losses`, e.g. CKD relations or patience). KD-only teachers are run once over the training set and
 their logits cached in the workdir (`teacher_logits.npz`).
 
+Tasks with the user's own labels (`c.task='custom'`, `c.custom`): local TSV/CSV/JSONL files, any number of
+classes named by the training file's label values (or `custom.labels`), one text column or a pair, or regression
+(`custom.regression`); scored by accuracy and macro-F1 (Pearson/Spearman), predictions written as label names.
+
+Every check (config, data, labels, teacher, init, tokenizer) runs before anything is written to the workdir, so a
+refused command leaves it as it was and the corrected command starts cleanly.
+
 Workdir layout:
     config.json, fingerprint        the experiment (re-running resumes; another config is refused)
     model.json                      task, encoder config, labels, tokenizer: makes the workdir a teacher source
@@ -32,6 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -48,10 +57,13 @@ from mobiledistill import checkpoint as ckpt
 from mobiledistill import convert, evaluate, sharding, steps, workdir_lock
 from mobiledistill.config import MODEL_FIELDS, ConfigError
 from mobiledistill.data import (
+    CUSTOM,
     ArrayIterator,
     DataError,
+    GlueTask,
     glue_features,
     glue_task,
+    load_custom_files,
     load_glue_files,
     load_glue_tfds,
     load_squad_json,
@@ -61,6 +73,7 @@ from mobiledistill.data import (
     squad_features,
     trained_tokenizer,
 )
+from mobiledistill.data.tokenizer import VOCAB_FILE
 from mobiledistill.losses import distill
 from mobiledistill.losses._util import field
 from mobiledistill.losses.registry import LOSS_REGISTRY, make_loss, register_loss
@@ -117,6 +130,13 @@ def finetune_config() -> ml_collections.ConfigDict:
     c.data.max_eval_examples = 0
     c.data.split_seed = 0  # rotten_tomatoes: the by-movie split
 
+    c.custom = ml_collections.ConfigDict()  # task='custom': your own labels, from data.files (TSV/CSV/JSONL)
+    c.custom.labels = ()  # class names in id order ('neg,neu,pos'); () = the training file's distinct labels, sorted
+    c.custom.text_columns = ()  # one column or a pair; () = the first of sentence1,sentence2 / text_a,text_b /
+    #                             premise,hypothesis / question1,question2 / question,sentence / sentence / text
+    c.custom.label_column = "label"
+    c.custom.regression = False  # the label column is a number: Pearson/Spearman instead of accuracy/macro-F1
+
     c.train = ml_collections.ConfigDict()
     c.train.batch = 32
     c.train.epochs = 3
@@ -171,6 +191,8 @@ def apply_arg(c: ml_collections.ConfigDict, args: Mapping[str, str]) -> None:
     """Applies the common `get_config(arg)` keys (see the config files' docstrings)."""
     if "task" in args:
         c.task = args["task"]
+        if c.task == CUSTOM:
+            c.data.source = "files"  # your own data comes from local files
     if "init" in args:
         c.init = args["init"]
     if "teacher" in args:
@@ -221,19 +243,22 @@ def validate(c) -> None:
         bad(f"kind={c.get('kind')!r}: not a fine-tuning config")
     if c.mode not in ("train", "eval"):
         bad(f"mode={c.mode!r}; valid: 'train', 'eval'")
-    if c.task != SQUAD:
+    if c.task == CUSTOM:
+        _validate_custom(c, bad)
+    elif c.task != SQUAD:
         try:
             glue_task(c.task)
         except DataError:
-            bad(f"task={c.task!r}; valid: {', '.join(evaluate.GLUE_TASKS)}, squad")
+            bad(f"task={c.task!r}; valid: {', '.join(evaluate.GLUE_TASKS)}, squad, custom")
     elif c.squad_version not in ("v1.1", "v2.0"):
         bad(f"squad_version={c.squad_version!r}; valid: 'v1.1', 'v2.0'")
     if not c.init.startswith(("hf:", "stage:", "preset:", "ptp:")):
         bad(f"init={c.init!r}; valid: 'hf:<dir>', 'stage:<workdir>/<stage>', 'preset:<name>', 'ptp:<workdir>'")
     if c.get("sps", "") not in ("", "paired", "top3"):
         bad(f"sps={c.sps!r}; valid: '', 'paired', 'top3'")
-    if c.get("ptp") is not None and (c.task == SQUAD or not c.ptp.teacher):
-        bad("ptp needs a GLUE classification task and ptp.teacher=finetune:<workdir> or hf:<dir>")
+    if c.get("ptp") is not None and (c.task in (SQUAD, "stsb") or not c.ptp.teacher
+                                     or (c.task == CUSTOM and c.custom.regression)):
+        bad("ptp needs a classification task and ptp.teacher=finetune:<workdir> or hf:<dir>")
     if c.data.source not in ("tfds", "files", "rotten_tomatoes"):
         bad(f"data.source={c.data.source!r}; valid: 'tfds', 'files', 'rotten_tomatoes'")
     if c.data.source == "rotten_tomatoes" and c.task != "sst2":
@@ -258,6 +283,36 @@ def validate(c) -> None:
         name = spec.get("loss", term)
         if name not in LOSS_REGISTRY:
             bad(f"distill.extra_losses.{term}: unknown loss {name!r}; registered: {sorted(LOSS_REGISTRY)}")
+
+
+def _names(value) -> tuple[str, ...]:
+    """A tuple config field given as a list, or on the command line as one comma-separated string."""
+    if isinstance(value, str):
+        value = (value,)
+    value = tuple(str(v).strip() for v in value)
+    if len(value) == 1:
+        value = tuple(v.strip() for v in value[0].split(","))
+    return tuple(v for v in value if v)
+
+
+def _validate_custom(c, bad) -> None:
+    u = c.get("custom")
+    if u is None:
+        bad("task='custom' needs the custom.* keys of finetune_config()")
+    if c.data.source != "files":
+        bad(f"task='custom' reads local files: data.source={c.data.source!r} must be 'files' (with "
+            f"--config.data.files.train=... --config.data.files.validation=...)")
+    if not u.label_column:
+        bad("custom.label_column is empty; name the column that holds the labels")
+    if not 0 <= len(_names(u.text_columns)) <= 2:
+        bad(f"custom.text_columns={u.text_columns!r}: one column (single sentence) or two (sentence pairs)")
+    labels = _names(u.labels)
+    if u.regression and labels:
+        bad(f"custom.regression=True with custom.labels={labels}: a regression task has no label names")
+    if labels and len(set(labels)) != len(labels):
+        bad(f"custom.labels={labels} names a label more than once")
+    if labels and len(labels) < 2:
+        bad(f"custom.labels={labels}: a classifier needs at least 2 labels")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,6 +362,7 @@ class TaskData:
     train_texts: list[str]
     num_labels: int
     label_names: tuple[str, ...] | None
+    task: GlueTask | None = None  # the GLUE or custom task (None: SQuAD)
 
 
 def _eval_splits(c) -> list[str]:
@@ -314,6 +370,8 @@ def _eval_splits(c) -> list[str]:
         return [s.strip() for s in c.data.eval_splits.split(",") if s.strip()]
     if c.task == SQUAD:
         return ["validation"]
+    if c.task == CUSTOM:
+        return ["validation"] + (["test"] if c.data.files.get("test") else [])
     return list(glue_task(c.task).eval_splits)
 
 
@@ -321,9 +379,24 @@ def _limit(examples: list, n: int) -> list:
     return examples[:n] if n and n > 0 else examples
 
 
-def load_examples(c) -> dict[str, list]:
-    """Raw examples of the training split and every eval split."""
+def load_examples(c, label_names: tuple[str, ...] | None = None) -> tuple[dict[str, list], GlueTask | None]:
+    """(raw examples of the training split and every eval split, the task: None for SQuAD).
+
+    A custom task takes its label names from `custom.labels`, else `label_names` (a teacher's or an earlier run's),
+    else the training file."""
     splits = ["train", *_eval_splits(c)]
+    if c.task == CUSTOM:
+        files = {}
+        for s in splits:
+            files[s] = c.data.files.get(s, "")
+            if not files[s]:
+                raise ConfigError(f"task='custom' needs data.files.{s} (a path or glob)")
+        u = c.custom
+        task, out = load_custom_files(files, text_columns=_names(u.text_columns),
+                                      label_names=_names(u.labels) or label_names, regression=bool(u.regression),
+                                      label_column=u.label_column)
+        return {s: _limit(ex, c.data.max_train_examples if s == "train" else c.data.max_eval_examples)
+                for s, ex in out.items()}, task
     out = {}
     if c.data.source == "rotten_tomatoes":
         parts = rotten_tomatoes(seed=c.data.split_seed)
@@ -347,31 +420,31 @@ def load_examples(c) -> dict[str, list]:
     if c.data.source == "rotten_tomatoes":
         for s in splits:
             out[s] = _limit(out[s], c.data.max_train_examples if s == "train" else c.data.max_eval_examples)
-    return out
+    return out, None if c.task == SQUAD else glue_task(c.task)
 
 
-def task_texts(c, examples: list) -> list[str]:
-    if c.task == SQUAD:
+def task_texts(task: GlueTask | None, examples: list) -> list[str]:
+    if task is None:
         return [t for ex in examples for t in (ex.question, ex.context)]
-    return [ex[k] for ex in examples for k in glue_task(c.task).text_keys]
+    return [ex[k] for ex in examples for k in task.text_keys]
 
 
-def build_features(c, examples: Mapping[str, list], tok) -> TaskData:
+def build_features(c, examples: Mapping[str, list], tok, task: GlueTask | None = None) -> TaskData:
     d = c.data
     if c.task == SQUAD:
         kw = dict(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, max_query_length=d.max_query_length)
         train = squad_features(examples["train"], tok, training=True, **kw).arrays
         evals = {s: squad_features(ex, tok, training=False, **kw) for s, ex in examples.items() if s != "train"}
         return TaskData(train, evals, [], 2, None)
-    task = glue_task(c.task)
+    task = task or glue_task(c.task)
 
     def feats(ex):
-        f = glue_features(task.name, ex, tok, d.max_seq_length)
+        f = glue_features(task, ex, tok, d.max_seq_length)
         f["labels"] = f.pop("label")
         return f
 
     evals = {s: feats(ex) for s, ex in examples.items() if s != "train"}
-    return TaskData(feats(examples["train"]), evals, [], task.num_labels, task.label_names)
+    return TaskData(feats(examples["train"]), evals, [], task.num_labels, task.label_names, task)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -646,7 +719,8 @@ def predict_arrays(predict, params, arrays: Mapping[str, np.ndarray], batch: int
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
-def score(c, kind: str, features, outputs: Mapping[str, np.ndarray]) -> tuple[dict, Any, dict]:
+def score(c, kind: str, features, outputs: Mapping[str, np.ndarray], task: GlueTask | None = None
+          ) -> tuple[dict, Any, dict]:
     """(metrics in percent, predictions to write, extra write_eval_outputs arguments)."""
     if kind == "span":
         v2 = c.squad_version == "v2.0"
@@ -664,18 +738,21 @@ def score(c, kind: str, features, outputs: Mapping[str, np.ndarray]) -> tuple[di
         loss = float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(labels)[:, None], -1)))
         acc = 100.0 * float(np.mean(np.argmax(logits, -1) == labels))
         return {"accuracy": acc, "loss": loss, "score": acc}, np.argmax(logits, -1), {}
-    task = glue_task(c.task)
+    task = task or glue_task(c.task)
     preds = logits[:, 0] if task.is_regression else np.argmax(logits, -1)
-    metrics = evaluate.glue_metrics(task.name, logits, features["labels"])
+    if task.custom:
+        metrics = evaluate.custom_metrics(logits, features["labels"], task.label_names)
+    else:
+        metrics = evaluate.glue_metrics(task.name, logits, features["labels"])
     return metrics, preds, dict(label_names=task.label_names)
 
 
 def _flat_metrics(per_split: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """One split's metrics as they are; several splits as `<split>/<metric>`, each split on its own (never
+    averaged: a dev and a test number mean different things)."""
     if len(per_split) == 1:
         return dict(next(iter(per_split.values())))
-    out = {f"{s}/{k}": v for s, m in per_split.items() for k, v in m.items()}
-    out["score"] = float(np.mean([m["score"] for m in per_split.values()]))
-    return out
+    return {f"{s}/{k}": v for s, m in per_split.items() for k, v in m.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -707,6 +784,8 @@ class Context:
 
 def _fingerprint_config(c) -> dict:
     d = c.to_dict()
+    if d.get("task") != CUSTOM:
+        d.pop("custom", None)
     for key in _FINGERPRINT_EXCLUDE:
         head, _, tail = key.partition(".")
         if tail:
@@ -717,28 +796,61 @@ def _fingerprint_config(c) -> dict:
 
 
 def resolve_tokenizer(c, workdir: epath.Path, source: EncoderSource, teacher: Teacher | None, texts):
-    """(tokenizer, its path): explicit > 'train' > the init's own > the teacher's."""
+    """(tokenizer, its path, save): explicit > 'train' > the init's own > the teacher's.
+
+    A vocab newly trained on the task's texts lies in a temporary directory until `save()` (None when there is
+    nothing to save) copies it to `workdir/tokenizer`: a run refused by a later check leaves no vocab behind."""
     if c.tokenizer == "train":
-        path = str(workdir / "tokenizer")
-        tok = trained_tokenizer(texts(), path, corpus_name=f"{c.task} train", vocab_size=c.tokenizer_vocab_size)
-        return tok, path
+        path = workdir / "tokenizer"
+        kw = dict(corpus_name=f"{c.task} train", vocab_size=c.tokenizer_vocab_size)
+        if (path / VOCAB_FILE).exists():
+            return trained_tokenizer(texts(), str(path), **kw), str(path), None
+        tmp = epath.Path(tempfile.mkdtemp(prefix="mobiledistill-vocab-"))
+        tok = trained_tokenizer(texts(), str(tmp), **kw)
+
+        def save():
+            path.mkdir(parents=True, exist_ok=True)
+            for f in tmp.iterdir():  # the vocab and its settings, each through a temporary name
+                part = path / f"{f.name}.tmp"
+                part.write_text(f.read_text())
+                part.replace(path / f.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return tok, str(path), save
     path = c.tokenizer or source.tokenizer or (teacher.tokenizer if teacher else "")
     if not path:
         raise ConfigError(f"init={c.init!r} brings no tokenizer: set tokenizer=<vocab.txt|dir> or tokenizer=train")
-    return load_tokenizer(path), str(path)
+    return load_tokenizer(path), str(path), None
 
 
-def prepare(c, workdir: epath.Path) -> Context:
-    """Loads data, tokenizer, teacher and the encoder source; writes model.json."""
+def _recorded_label_names(workdir: epath.Path) -> tuple[str, ...] | None:
+    """The label names a fine-tuning workdir (or `<workdir>/seed_<s>`) recorded in model.json, if any."""
+    if workdir.name.startswith("seed_") and not (workdir / "model.json").exists():
+        workdir = workdir.parent
+    try:
+        names = json.loads((workdir / "model.json").read_text()).get("label_names")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return tuple(names) if names else None
+
+
+def prepare(c, workdir: epath.Path, before_writing=None) -> Context:
+    """Loads and checks data, teacher, encoder source and tokenizer; then calls `before_writing()` (the fingerprint
+    check) and only after it writes to the workdir (a trained vocab, model.json)."""
     validate(c)
     kind = _kind(c.task)
-    examples = load_examples(c)
-    num_labels = 2 if kind == "span" else glue_task(c.task).num_labels
+    teacher_names = _recorded_label_names(epath.Path(c.distill.teacher[len("finetune:"):])) \
+        if c.task == CUSTOM and c.distill.teacher.startswith("finetune:") else None
+    known_names = (_recorded_label_names(workdir) if c.task == CUSTOM else None) or teacher_names
+    examples, task = load_examples(c, known_names)
+    if teacher_names is not None and task.label_names != teacher_names:
+        raise ConfigError(f"distill.teacher {c.distill.teacher} was trained on the labels {list(teacher_names)}, "
+                          f"this task has {list(task.label_names or [])}; the student must use the teacher's")
+    num_labels = 2 if kind == "span" else task.num_labels
     teacher = load_teacher(c, kind, num_labels)
     ptp_teacher = load_teacher(c, kind, num_labels, c.ptp.teacher) if c.get("ptp") is not None else None
     source = encoder_source(c, c.model.dtype)
-    tok, tok_path = resolve_tokenizer(c, workdir, source, teacher or ptp_teacher,
-                                      lambda: task_texts(c, examples["train"]))
+    tok, tok_path, save_tokenizer = resolve_tokenizer(c, workdir, source, teacher or ptp_teacher,
+                                                      lambda: task_texts(task, examples["train"]))
     cfg = source.cfg
     if c.get("sps"):
         from mobiledistill.strategies.peakd import paired_plan, top_layers_plan
@@ -755,8 +867,12 @@ def prepare(c, workdir: epath.Path) -> Context:
     if c.data.max_seq_length > cfg.max_position_embeddings:
         raise ConfigError(f"data.max_seq_length={c.data.max_seq_length} exceeds the model's "
                           f"max_position_embeddings={cfg.max_position_embeddings}")
-    data = build_features(c, examples, tok)
+    data = build_features(c, examples, tok, task)
     mesh = sharding.make_mesh(-1, 1)
+    if before_writing is not None:
+        before_writing()
+    if save_tokenizer is not None:
+        save_tokenizer()
     if ptp_teacher is not None:
         data = _ptp_data(c, data, ptp_teacher, mesh)
         num_labels = data.num_labels
@@ -764,7 +880,10 @@ def prepare(c, workdir: epath.Path) -> Context:
     if jax.process_index() == 0:
         info = {"task": c.task, "kind": kind, "num_labels": num_labels, "encoder": cfg.to_dict(),
                 "tokenizer": tok_path, "seeds": [int(s) for s in c.seeds], "init": c.init,
-                "teacher": c.distill.teacher}
+                "teacher": c.distill.teacher, "label_names": list(data.label_names or []) or None}
+        if task is not None and task.custom:
+            info["custom"] = {"text_columns": list(task.text_keys), "label_column": task.label_key,
+                              "regression": task.is_regression}
         tmp = workdir / "model.json.tmp"
         tmp.write_text(json.dumps(info, indent=2, default=str))
         tmp.replace(workdir / "model.json")
@@ -859,7 +978,7 @@ def evaluate_params(ctx: Context, graphdef, params) -> tuple[dict, dict]:
     for split, features in ctx.data.evals.items():
         arrays = features.arrays if ctx.kind == "span" else features
         outputs = predict_arrays(predict, params, arrays, ctx.c.train.eval_batch, ctx.mesh)
-        m, preds, extra = score(ctx.c, ctx.kind, features, outputs)
+        m, preds, extra = score(ctx.c, ctx.kind, features, outputs, ctx.data.task)
         metrics[split], written[split] = m, (preds, extra)
     return metrics, written
 
@@ -983,12 +1102,51 @@ def run_label(c) -> str:
     return name + (f", distilled from {c.distill.teacher}" if c.distill.teacher else "")
 
 
+def _split_runs(runs: list[dict], split: str, n_splits: int) -> list[dict]:
+    """Each seed's metrics of one eval split, with the `<split>/` prefix of multi-split runs removed."""
+    if n_splits == 1:
+        return runs
+    pre = split + "/"
+    return [{"seed": r["seed"], **{k[len(pre):]: v for k, v in r.items() if k.startswith(pre)}} for r in runs]
+
+
+def _label_f1_table(runs: list[dict], label_names: tuple[str, ...], labels: np.ndarray) -> str:
+    """Markdown: per label, its rows in the split and its F1 (mean ± std over the seeds that define it)."""
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=len(label_names))
+    lines = ["| label | rows | F1 |", "|---|---:|---:|"]
+    for i, name in enumerate(label_names):
+        vals = [r["f1_per_label"].get(name) for r in runs if isinstance(r.get("f1_per_label"), Mapping)]
+        vals = [v for v in vals if v is not None]
+        cell = "–" if not vals else (f"{vals[0]:.2f}" if len(vals) == 1 else
+                                     f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}")
+        shown = str(name).replace("|", "\\|")
+        lines.append(f"| {shown} | {int(counts[i])} | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(c, workdir: epath.Path, ctx: Context, summaries: Mapping[int, dict]) -> str:
     runs = [summaries[s] for s in c.seeds if s in summaries]
-    metric_names = [k for k in runs[0] if k not in ("seed", "final_step", "seconds") and "thresh" not in k
-                    and isinstance(runs[0][k], (int, float))]
-    table = evaluate.format_seed_table({run_label(c): runs}, metric_names)
-    per_seed = evaluate.format_seed_table([(f"seed {r['seed']}", [r]) for r in runs], metric_names, label="seed")
+    splits = list(ctx.data.evals)
+    sections = []
+    for split in splits:
+        split_runs = _split_runs(runs, split, len(splits))
+        names = [k for k in split_runs[0] if k not in ("seed", "final_step", "seconds") and "thresh" not in k
+                 and isinstance(split_runs[0][k], (int, float))]
+        table = evaluate.format_seed_table({run_label(c): split_runs}, names)
+        per_seed = evaluate.format_seed_table([(f"seed {r['seed']}", [r]) for r in split_runs], names,
+                                              label="seed")
+        section = f"## {split}\n\n{table}\nPer seed:\n\n{per_seed}"
+        if ctx.data.label_names and any("f1_per_label" in r for r in split_runs):
+            section += (f"\nPer label ({split}):\n\n"
+                        f"{_label_f1_table(split_runs, ctx.data.label_names, ctx.data.evals[split]['labels'])}")
+        sections.append(section)
+    task = ctx.data.task
+    if ctx.data.label_names:
+        labels = f"labels (class id order): {', '.join(map(str, ctx.data.label_names))}. "
+    elif task is not None and task.is_regression:
+        labels = f"regression target{f' `{task.label_key}`' if task.custom else ''}. "
+    else:
+        labels = ""
     from mobiledistill.models import count_params
     n_params = count_params(nnx.state(nnx.eval_shape(lambda: new_task_model(ctx.kind, ctx.cfg,
                                                                                 ctx.data.num_labels, 0))))
@@ -998,8 +1156,8 @@ def write_report(c, workdir: epath.Path, ctx: Context, summaries: Mapping[int, d
             f"{teacher}"
             f"data `{c.data.source}` ({len(ctx.data.train['input_ids'])} training rows, eval on "
             f"{', '.join(ctx.data.evals)}), {c.train.epochs} epochs, batch {c.train.batch} x seq "
-            f"{c.data.max_seq_length}, AdamW lr {c.train.lr:g}. Metrics in percent on the dev split(s); mean ± "
-            f"sample std over seeds.\n\n{table}\nPer seed:\n\n{per_seed}")
+            f"{c.data.max_seq_length}, AdamW lr {c.train.lr:g}. {labels}Metrics in percent, each eval split on its "
+            f"own; mean ± sample std over seeds.\n\n" + "\n".join(sections))
     if jax.process_index() == 0:
         (workdir / "report.md").write_text(text)
         agg = evaluate.summarize_seeds(runs)
@@ -1024,8 +1182,8 @@ def _run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
     validate(c)
     if c.mode == "eval":
         return evaluate_run(c, workdir)
-    ckpt.check_fingerprint(workdir, _fingerprint_config(c), allow_config_change)
-    ctx = prepare(c, workdir)
+    ctx = prepare(c, workdir, before_writing=lambda: ckpt.check_fingerprint(
+        workdir, _fingerprint_config(c), allow_config_change))
     print(f"fine-tuning {run_label(c)}: {len(ctx.data.train['input_ids'])} training rows, seeds "
           f"{list(c.seeds)}, {jax.device_count()} device(s)", flush=True)
     summaries = {}
