@@ -215,10 +215,15 @@ def config_to_hf(cfg: EncoderConfig) -> dict:
 
 
 def check_hf_expressible(cfg: EncoderConfig, uses_pooler: bool = True) -> None:
-    """Raises ConversionError for configs whose function transformers would silently compute differently."""
+    """Raises ConversionError for configs that transformers cannot build or would silently compute differently."""
     if cfg.attention_mask_value != "min":
         raise ConversionError(f"attention_mask_value={cfg.attention_mask_value!r}: transformers masks with finfo.min, "
                               f"so the saved model would differ on padded inputs; only 'min' converts exactly")
+    if (cfg.use_bottleneck and not cfg.key_query_shared_bottleneck and not cfg.use_bottleneck_attention
+            and cfg.intra_bottleneck_size != cfg.hidden_size):
+        raise ConversionError(f"IB-BERT layout (Q, K, V from the {cfg.hidden_size}-wide block input, intra size "
+                              f"{cfg.intra_bottleneck_size}): transformers' MobileBERT cannot build it (its query/key "
+                              f"take the intra size)")
     if hf_arch(cfg) == "mobilebert" and cfg.normalization_type == "layer_norm" and not cfg.hf_eps_quirk:
         raise ConversionError("hf_eps_quirk=False with layer_norm: transformers' MobileBERT uses eps 1e-5 in two "
                               "LayerNorms, so the saved model would differ; set hf_eps_quirk=True")

@@ -102,6 +102,9 @@ def test_save_hf_refuses_what_transformers_would_compute_differently(tmp_path):
     with pytest.raises(convert.ConversionError, match="attention_mask_value"):
         convert.save_hf(SequenceClassificationModel(cfg, 2, nnx.Rngs(0)), str(tmp_path))
     assert not os.listdir(tmp_path)
+    with pytest.raises(convert.ConversionError, match="IB-BERT layout"):
+        convert.save_hf(SequenceClassificationModel(preset("test_ib_bert"), 2, nnx.Rngs(0)), str(tmp_path))
+    assert not os.listdir(tmp_path)
     with pytest.raises(convert.ConversionError, match="3 label names"):
         convert.save_hf(SequenceClassificationModel(preset("test_bert"), 2, nnx.Rngs(0)), str(tmp_path / "x"),
                         label_names=["a", "b", "c"])
