@@ -150,7 +150,14 @@ def main():
 
 
 def write(out, args, t_acc, results, extra):
-    """OUT/papers.json and papers.md, after every method (a partial run leaves its numbers)."""
+    """OUT/papers.json and papers.md, after every method (a partial run leaves its numbers). Methods already in
+    papers.json from another invocation (e.g. `--methods peakd` run alongside) are kept."""
+    path = os.path.join(out, "papers.json")
+    if os.path.exists(path):
+        old = json.load(open(path))
+        results = {**old.get("results", {}), **results}
+        extra = {**{k: v for k, v in old.items() if k.endswith("_magnitudes")}, **extra}
+    results = {m: results[m] for m in METHODS if m in results}
     rows = [f"| teacher: all-MiniLM-L6-v2 fine-tuned (6 x 384) | 1 | {t_acc:.2f} | |"]
     for m, r in results.items():
         s = r["summary"]
@@ -162,7 +169,7 @@ def write(out, args, t_acc, results, extra):
         md += (f"\nCKD per-term loss values (unweighted, seed 0), step {mags['first_step']} -> {mags['last_step']}: "
                + ", ".join(f"{k} {mags['first'][k]:.4g} -> {mags['last'].get(k, float('nan')):.4g}"
                            for k in mags["first"]) + "\n")
-    with open(os.path.join(out, "papers.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(evaluate._jsonable({"teacher_accuracy": t_acc, "results": results, **extra,
                                       "settings": vars(args)}), f, indent=2)
     with open(os.path.join(out, "papers.md"), "w") as f:
