@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -302,20 +303,62 @@ def save_hf(model: nnx.Module, directory: str, label_names=None) -> None:
         json.dump(config, f, indent=2)
 
 
-def load_hf(directory: str, pretraining: bool | None = None, **config_overrides) -> nnx.Module:
-    """Builds our model from a transformers directory (config.json + model.safetensors).
-
-    `pretraining=None` picks by the file's heads: PreTrainingModel (MLM/NSP), SequenceClassificationModel
-    (`classifier`, num_labels from its shape), SpanModel (`qa_outputs`), else the bare Encoder. `pretraining=True`
-    forces PreTrainingModel, `False` the bare Encoder (any head is then ignored).
-    """
+def _read_hf(directory: str, config_overrides: dict) -> tuple[dict, EncoderConfig, dict[str, np.ndarray]]:
+    """(config.json dict, our config, state dict) of a transformers directory."""
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.exists(cfg_path):
         raise ConversionError(f"no config.json in {directory}")
     with open(cfg_path) as f:
         hf_config = json.load(f)
     cfg = config_from_hf(hf_config, **config_overrides)
-    sd = read_safetensors(os.path.join(directory, "model.safetensors"))
+    return hf_config, cfg, read_safetensors(os.path.join(directory, "model.safetensors"))
+
+
+# The pre-training heads by their transformers name prefix.
+PRETRAINING_HEADS = (("mlm", "cls.predictions."), ("nsp", "cls.seq_relationship."))
+
+
+def load_hf_pretraining(directory: str, seed: int = 0, **config_overrides) -> tuple[PreTrainingModel, tuple[str, ...]]:
+    """(PreTrainingModel, names of the heads that had to be freshly initialised) from a transformers directory.
+
+    A checkpoint with MLM and NSP heads (*ForPreTraining) loads exactly, as `load_hf(pretraining=True)` always did. A
+    head with no tensor at all in the file (a bare `BertModel` such as all-MiniLM-L6-v2, with or without the 'bert.'
+    prefix) is initialised from `seed` and named in the result, so that callers can say so; a head present only in
+    part is an error. Everything else is loaded strictly.
+    """
+    _, cfg, sd = _read_hf(directory, config_overrides)
+    sd = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+          for k, v in sd.items()}
+    model = PreTrainingModel(cfg, nnx.Rngs(seed))
+    fresh = tuple(name for name, hf in PRETRAINING_HEADS if not any(k.startswith(hf) for k in sd))
+    if fresh:
+        arch, prefix = hf_arch(cfg) + ".", _detect_prefix(sd, cfg)
+        if prefix != arch:  # a bare or differently prefixed backbone: the names PreTrainingModel expects
+            sd = {k if k.startswith(_HEAD_PREFIXES) or not k.startswith(prefix) else arch + k[len(prefix):]: v
+                  for k, v in sd.items()}
+        initial = to_hf_state_dict(model)
+        for name, hf in PRETRAINING_HEADS:
+            if name in fresh:
+                sd.update({k: v for k, v in initial.items() if k.startswith(hf) and ".decoder." not in k})
+    load_hf_state_dict(model, sd)
+    return model, fresh
+
+
+def load_hf(directory: str, pretraining: bool | None = None, **config_overrides) -> nnx.Module:
+    """Builds our model from a transformers directory (config.json + model.safetensors).
+
+    `pretraining=None` picks by the file's heads: PreTrainingModel (MLM/NSP), SequenceClassificationModel
+    (`classifier`, num_labels from its shape), SpanModel (`qa_outputs`), else the bare Encoder. `pretraining=True`
+    forces PreTrainingModel (`load_hf_pretraining`: heads missing from the file are freshly initialised, with a
+    warning), `False` the bare Encoder (any head is then ignored).
+    """
+    if pretraining:
+        model, fresh = load_hf_pretraining(directory, **config_overrides)
+        if fresh:
+            warnings.warn(f"{directory} has no {' / '.join(n.upper() for n in fresh)} head: freshly initialised "
+                          f"(train it before using the model's predictions)", stacklevel=2)
+        return model
+    hf_config, cfg, sd = _read_hf(directory, config_overrides)
     if pretraining is None:
         pretraining = "cls.seq_relationship.weight" in sd
         if not pretraining and "classifier.weight" in sd:
