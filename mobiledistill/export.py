@@ -81,10 +81,12 @@ def _finetune_source(path) -> Source:
     workdir, run_dir = finetune.finished_run_dir(path)
     info = finetune.read_model_json(workdir)
     t = finetune.load_finetuned(run_dir, dtype="float32")
-    names = None
+    names = info.get("label_names")  # recorded by newer runs (custom tasks too); older ones: the GLUE table
     task = GLUE_TASKS.get(str(info["task"]).lower().replace("-", "").replace("_", ""))
-    if task is not None and task.label_names is not None and len(task.label_names) == info["num_labels"]:
+    if not names and task is not None and task.label_names is not None:
         names = list(task.label_names)
+    if names is not None and len(names) != info["num_labels"]:  # e.g. Pea-KD PTP's 4-way labels
+        names = None
     kind = "span" if info["kind"] == "span" else "classification"
     return Source(kind, nnx.merge(t.graphdef, t.params), info["tokenizer"], names, info["task"],
                   f"fine-tuned {info['task']} model, {run_dir}")
