@@ -41,13 +41,21 @@ def pretraining_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.dtype = "float32"  # compute dtype of both models ('bfloat16' on TPU/GPU); parameters stay float32
     c.teacher = _model("ib_bert_large")
-    # 'pretrain' (a teacher stage in this pipeline) or 'hf:<dir>' (a transformers checkpoint directory).
+    # 'pretrain' (a teacher stage in this pipeline) or 'hf:<dir>' (a transformers checkpoint directory; its
+    # config.json is then the teacher's architecture: teacher.preset and the model fields other than scan_layers /
+    # remat are not used, and data.vocab must be the checkpoint's vocab.txt).
     c.teacher.source = "pretrain"
     c.teacher.steps = 500_000
     c.teacher.lr = 1.5e-3
     c.teacher.warmup_steps = 10_000
     c.teacher.end_lr_ratio = 0.0
     c.teacher.bias_correction = True
+    # MLM-head adaptation of an hf: teacher (stage 'teacher_head'): only its MLM and NSP heads train, on the frozen
+    # encoder, with MLM + NSP (AdamW, 10% warm-up, linear decay). 0 = automatic: a stage of pkt.steps_per_layer
+    # steps when the checkpoint has no MLM/NSP heads (all-MiniLM-L6-v2), none when it has them; > 0: a stage of
+    # that many steps for any hf: teacher. Its held-out MLM accuracy is the adapted teacher's.
+    c.teacher.adapt_head_steps = 0
+    c.teacher.adapt_head_lr = 1e-3
     c.student = _model("mobilebert")
 
     c.data = ml_collections.ConfigDict()
@@ -107,8 +115,32 @@ def pretraining_config() -> ml_collections.ConfigDict:
     return c
 
 
+def hf_model_config(section: ml_collections.ConfigDict, dtype: str) -> EncoderConfig:
+    """The EncoderConfig of an 'hf:<dir>' teacher: its config.json, plus the section's scan_layers / remat."""
+    import json
+    import os
+
+    from mobiledistill import convert
+    directory = section.source[3:]
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher.source={section.source!r}: cannot read {path} ({e.__class__.__name__}: {e}); "
+                          f"valid: a transformers checkpoint directory with config.json and model.safetensors")
+    extra = {k: section[k] for k in ("scan_layers", "remat") if section.get(k) is not None}
+    try:
+        return convert.config_from_hf(hf, dtype=dtype, **extra)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"teacher.source={section.source!r}: {path}: {e}") from None
+
+
 def model_config(section: ml_collections.ConfigDict, dtype: str) -> EncoderConfig:
-    """The EncoderConfig of a teacher/student section: its preset plus every non-None field."""
+    """The EncoderConfig of a teacher/student section: its preset plus every non-None field (an 'hf:<dir>' teacher:
+    its config.json, `hf_model_config`)."""
+    if str(section.get("source", "")).startswith("hf:"):
+        return hf_model_config(section, dtype)
     overrides = {k: section[k] for k in MODEL_FIELDS if section.get(k) is not None}
     if "attention_mask_value" in overrides and overrides["attention_mask_value"] != "min":
         try:
@@ -159,12 +191,25 @@ def validate(c: ml_collections.ConfigDict, teacher: EncoderConfig, student: Enco
         if heads < 0 or (heads and (teacher.true_hidden_size % heads or student.true_hidden_size % heads)):
             bad(f"pkt.relation_heads={heads} must be 0 (auto) or divide both attention widths (teacher "
                 f"{teacher.true_hidden_size}, student {student.true_hidden_size})")
-    if student.vocab_size != teacher.vocab_size:
+    hf_teacher = c.teacher.source.startswith("hf:")
+    # An hf: teacher's vocab is its checkpoint's; an unset student vocab_size follows the tokenizer (= the teacher's).
+    if student.vocab_size != teacher.vocab_size and not (hf_teacher and c.student.get("vocab_size") is None):
         bad(f"student.vocab_size={student.vocab_size} != teacher.vocab_size={teacher.vocab_size}")
     if c.data.max_seq_length > min(student.max_position_embeddings, teacher.max_position_embeddings):
         bad(f"data.max_seq_length={c.data.max_seq_length} exceeds max_position_embeddings")
     if not (c.teacher.source == "pretrain" or c.teacher.source.startswith("hf:")):
         bad(f"teacher.source={c.teacher.source!r}; valid: 'pretrain' or 'hf:<transformers checkpoint dir>'")
+    if hf_teacher and c.data.vocab == "train":
+        bad(f"teacher.source={c.teacher.source!r} with data.vocab='train': a vocab trained on the corpus does not "
+            f"match the teacher's embeddings; set data.vocab={c.teacher.source[3:]}/vocab.txt")
+    steps = c.teacher.get("adapt_head_steps", 0)
+    if steps < 0:
+        bad(f"teacher.adapt_head_steps={steps} must be >= 0 (0 = automatic: only for an hf: teacher without heads)")
+    if steps > 0 and not hf_teacher:
+        bad(f"teacher.adapt_head_steps={steps} needs teacher.source='hf:<dir>' (a teacher pre-trained in this "
+            f"pipeline trains its own MLM/NSP heads)")
+    if c.teacher.get("adapt_head_lr", 1e-3) <= 0:
+        bad(f"teacher.adapt_head_lr={c.teacher.adapt_head_lr} must be > 0")
     for section in ("pkt", "pd"):
         if c[section].lr <= 0:
             bad(f"{section}.lr={c[section].lr} must be > 0")

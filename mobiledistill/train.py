@@ -17,6 +17,7 @@ import zlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
@@ -108,7 +109,10 @@ def load_teacher(ctx: RunContext, source: str):
     graphdef, abstract = abstract_model(ctx.teacher_cfg)
     shardings = sharding.tree_shardings(abstract, ctx.mesh)
     if source.startswith("hf:"):
-        model = convert.load_hf(source[3:], pretraining=True, dtype=ctx.teacher_cfg.dtype)
+        model, fresh = convert.load_hf_pretraining(source[3:], seed=ctx.config.seed, dtype=ctx.teacher_cfg.dtype)
+        if fresh and jax.process_index() == 0:
+            print(f"teacher {source}: encoder from the checkpoint; it has no {' / '.join(n.upper() for n in fresh)} "
+                  f"head: freshly initialised (seed {ctx.config.seed})", flush=True)
         same = dict(dtype=ctx.teacher_cfg.dtype, scan_layers=ctx.teacher_cfg.scan_layers, remat=ctx.teacher_cfg.remat)
         if model.encoder.cfg.replace(**same) != ctx.teacher_cfg:
             raise convert.ConversionError(f"teacher checkpoint {source[3:]} does not match the configured teacher "
@@ -139,6 +143,10 @@ def initial_params(ctx: RunContext, stage: Stage, cfg: EncoderConfig, abstract, 
     if stage.init == "previous":
         restored = ckpt.restore_final_params(ctx.workdir / stage.init_from, _with_shardings(s_abstract, s_shard))
         params = _as_state(s_abstract, restored)
+    elif stage.init == "checkpoint":  # a copy: the stage's parameters are donated, the cached teacher's must not be
+        _, loaded = load_teacher(ctx, stage.init_from)
+        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=s_shard)(loaded)
+        ctx._teacher_cache.pop(stage.init_from, None)  # later stages read this stage's result instead
     else:
         params = init_params(cfg, ctx.stage_seed(stage), s_shard)
         if stage.init == "teacher_copy":

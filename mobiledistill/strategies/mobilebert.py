@@ -1,12 +1,14 @@
 """MobileBERT strategies as functions from a pipeline config to stages (SPEC §4).
 
-teacher pre-training -> {progressive | joint | auxiliary} knowledge transfer -> pre-training distillation, plus the
-same student trained from scratch for the PD budget (the baseline the distilled student must beat).
+teacher pre-training (or an hf: teacher's MLM-head adaptation) -> {progressive | joint | auxiliary} knowledge
+transfer -> pre-training distillation, plus the same student trained from scratch for the PD budget (the baseline
+the distilled student must beat).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from mobiledistill.losses.relations import match_layers
@@ -16,11 +18,14 @@ from mobiledistill.strategies import projection
 from mobiledistill.strategies.stage import Stage
 
 TEACHER = "teacher"
+TEACHER_HEAD = "teacher_head"
 STRATEGIES = ("progressive", "joint", "auxiliary", "teacher")
 # During layer-wise transfer only the encoder layers train: the embeddings and MLM/NSP heads come from the teacher
 # and stay frozen, and parameters outside the transfer loss (a pooler) must not train either: with no gradient, LAMB
 # turns weight decay into a decay of lr x the parameter per step (trust ratio 1/weight_decay), which erases them.
 TRANSFER_TRAINS = (("^encoder/layers/", 1.0),)
+# MLM-head adaptation: the teacher's MLM and NSP heads train, its encoder (embeddings, layers, pooler) is frozen.
+HEAD_TRAINS = (("^mlm/", 1.0), ("^nsp/", 1.0))
 
 
 def layer_map(teacher: EncoderConfig, student: EncoderConfig, matching: str = "uniform") -> list[tuple[int, int]]:
@@ -123,8 +128,54 @@ def teacher_pretraining(c) -> list[Stage]:
                   trains="teacher", init="fresh", dropout=True, eval="mlm")]
 
 
+def hf_checkpoint_heads(directory: str) -> tuple[str, ...]:
+    """The pre-training heads ('mlm', 'nsp') that a transformers checkpoint holds (its tensor names only)."""
+    from safetensors import safe_open
+
+    from mobiledistill.config import ConfigError
+    from mobiledistill.convert import PRETRAINING_HEADS
+    path = os.path.join(directory, "model.safetensors")
+    try:
+        with safe_open(path, "np") as f:
+            names = list(f.keys())
+    except Exception as e:  # safetensors has its own error types for missing / corrupt files
+        raise ConfigError(f"teacher.source='hf:{directory}': cannot read {path} ({e}); valid: a transformers "
+                          f"checkpoint directory with config.json and model.safetensors") from None
+    return tuple(name for name, hf in PRETRAINING_HEADS if any(k.startswith(hf) for k in names))
+
+
+def head_adaptation_steps(c) -> int:
+    """Steps of the 'teacher_head' stage: `teacher.adapt_head_steps`, or (0, automatic) `pkt.steps_per_layer` for
+    an hf: teacher without MLM/NSP heads; 0 = no stage."""
+    if not c.teacher.source.startswith("hf:"):
+        return 0
+    steps = int(c.teacher.get("adapt_head_steps", 0))
+    if steps:
+        return steps
+    return 0 if len(hf_checkpoint_heads(c.teacher.source[3:])) == 2 else int(c.pkt.steps_per_layer)
+
+
+def teacher_head_adaptation(c) -> list[Stage]:
+    """An hf: teacher's MLM + NSP heads trained on its frozen encoder (MLM + NSP loss, no dropout: the features the
+    distillation stages will see). The checkpoint's encoder stays bit-identical; later stages use this stage's
+    parameters as the teacher. AdamW, not LAMB: the trust ratio would tie a fresh head's steps to its small
+    initial norm."""
+    steps = head_adaptation_steps(c)
+    if not steps:
+        return []
+    t = c.teacher
+    opt = OptimizerConfig(name="adamw", learning_rate=float(t.get("adapt_head_lr", 1e-3)),
+                          schedule="warmup_linear", warmup_steps=steps // 10, total_steps=steps,
+                          lr_scales=HEAD_TRAINS, default_lr_scale=0.0)
+    return [Stage(TEACHER_HEAD, steps, {"mlm": {}, "nsp": {}}, opt, trains="teacher", init="checkpoint",
+                  init_from=t.source, eval="mlm")]
+
+
 def _teacher_ref(c) -> str:
-    return TEACHER if c.teacher.source == "pretrain" else c.teacher.source
+    """The stage (or checkpoint) the distillation stages read the teacher from."""
+    if c.teacher.source == "pretrain":
+        return TEACHER
+    return TEACHER_HEAD if head_adaptation_steps(c) else c.teacher.source
 
 
 def progressive(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stage]:
@@ -194,6 +245,7 @@ def build_stages(c, teacher: EncoderConfig, student: EncoderConfig) -> list[Stag
         if not stages:
             raise ValueError("strategy='teacher' needs teacher.source='pretrain'")
         return stages
+    stages += teacher_head_adaptation(c)
     transfer = {"progressive": progressive, "joint": joint, "auxiliary": auxiliary}[c.strategy]
     stages += transfer(c, teacher, student)
     if c.strategy != "auxiliary" and c.pd.steps > 0:

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 from mobiledistill.optim import OptimizerConfig
 
 TRAINS = ("student", "teacher")
-INITS = ("fresh", "previous", "teacher_copy")
+INITS = ("fresh", "previous", "teacher_copy", "checkpoint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +20,8 @@ class Stage:
     optimizer: its `lr_scales` / `default_lr_scale` decide what trains; scale 0 parameters are frozen, bit-identical,
         and not differentiated.
     init: 'fresh' (random), 'previous' (the final parameters of stage `init_from`), 'teacher_copy' (random, then the
-        teacher's embeddings and MLM/NSP heads copied in).
+        teacher's embeddings and MLM/NSP heads copied in), 'checkpoint' (the external 'hf:<dir>' checkpoint
+        `init_from`, loaded as a teacher is: heads it lacks are freshly initialised).
     teacher_from: the stage whose final parameters are the (frozen) teacher, an external 'hf:<dir>' checkpoint, or
         None for teacher-free stages.
     num_layers / teacher_num_layers: run the student / teacher only this deep (progressive transfer).
@@ -52,6 +53,8 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: init={self.init!r}; valid: {INITS}")
         if self.init == "previous" and not self.init_from:
             raise ValueError(f"stage {self.name!r}: init='previous' needs init_from=<stage name>")
+        if self.init == "checkpoint" and not str(self.init_from).startswith("hf:"):
+            raise ValueError(f"stage {self.name!r}: init='checkpoint' needs init_from='hf:<dir>'")
         if self.init == "teacher_copy" and not self.teacher_from:
             raise ValueError(f"stage {self.name!r}: init='teacher_copy' needs teacher_from")
         if self.steps < 0:
