@@ -45,6 +45,11 @@ def main(argv):
     c = _CONFIG.value
     if c is None:
         _fail("--config is required, e.g. --config=configs/progressive.py:local")
+    try:
+        c.get("kind")
+    except OSError as e:  # ml_collections reports a config file that failed to load on first use
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _fail(f"cannot load --config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {lines[-1]}")
     workdir = _WORKDIR.value
     if workdir and "://" not in workdir:
         workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; gs:// URLs stay as they are
@@ -83,7 +88,7 @@ def _parse(argv):
     """Parses flags, turning config-file and override errors into one line (absl would print a usage banner)."""
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, KeyError, ValueError, TypeError, AttributeError) as e:
+    except (flags.Error, KeyError, ValueError, TypeError, AttributeError, OSError, SyntaxError, ImportError) as e:
         cause = e if isinstance(e, KeyError) else (e.__cause__ or e.__context__)
         if isinstance(cause, KeyError):
             key = str(cause.args[0] if cause.args else "?").strip("'\"")

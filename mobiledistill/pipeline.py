@@ -41,7 +41,7 @@ def _source_config(c) -> dict:
     if kind == "files":
         return {"kind": "text", "paths": rest}
     if kind in ("jsonl", "csv"):
-        return {"kind": kind, "paths": rest, "text_field": c.data.text_field}
+        return {"kind": kind, "paths": rest, "text_key": c.data.text_field}  # record_files' name for it
     raise config_lib.ConfigError(f"data.source={src!r}; valid: 'embedded', 'tfds:<name>[:<split>]', "
                                  f"'files:<glob>', 'jsonl:<glob>', 'csv:<glob>'")
 

