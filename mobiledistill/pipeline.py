@@ -70,6 +70,11 @@ def with_vocab(cfg, vocab_size: int):
     return cfg.replace(vocab_size=vocab_size)
 
 
+def teacher_name(c) -> str:
+    """The teacher's preset, or its 'hf:<dir>' checkpoint (whose config.json is then the architecture)."""
+    return c.teacher.source if c.teacher.source.startswith("hf:") else c.teacher.preset
+
+
 def describe(c, teacher, student, stages, num_devices: int) -> str:
     """The dry-run plan: stages, parameter counts, FLOPs per step and a per-device memory estimate."""
     t_params = count_params(abstract_model(teacher)[1])
@@ -81,7 +86,7 @@ def describe(c, teacher, student, stages, num_devices: int) -> str:
     out = [f"strategy {c.strategy}: {len(stages)} stages on {num_devices} devices (mesh data="
            f"{num_devices // fsdp} x fsdp={fsdp}), global batch {c.train.global_batch} x seq {seq}, "
            f"{c.train.accumulation_steps} micro-batch(es) of {micro} per device",
-           f"teacher {c.teacher.preset}: {t_params:,} parameters with MLM/NSP heads "
+           f"teacher {teacher_name(c)}: {t_params:,} parameters with MLM/NSP heads "
            f"({count_params(abstract_model(teacher)[1]['encoder']):,} backbone)",
            f"student {c.student.preset}: {s_params:,} parameters with MLM/NSP heads "
            f"({count_params(abstract_model(student)[1]['encoder']):,} backbone)", "",
@@ -142,12 +147,15 @@ def _run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
                 continue
             summaries[stage.name] = run_stage(ctx, stage, i, len(stages))
     if jax.process_index() == 0:
-        comparison = [(label, name) for label, name in (("teacher", "teacher"), ("distilled student", "pd"),
+        comparison = [(label, name) for label, name in (("teacher", "teacher"),
+                                                        ("teacher, adapted MLM head", "teacher_head"),
+                                                        ("distilled student", "pd"),
                                                         ("distilled student (AKT)", "akt"),
                                                         ("student from scratch", "scratch")) if name in summaries]
         resized = lambda sec: " (resized)" if any(sec.get(k) is not None for k in config_lib.MODEL_FIELDS
                                                  if k not in ("dtype", "vocab_size")) else ""
-        header = (f"# mobiledistill report: {c.strategy}\n\nteacher `{c.teacher.preset}`{resized(c.teacher)} "
+        header = (f"# mobiledistill report: {c.strategy}\n\nteacher `{teacher_name(c)}`"
+                  f"{'' if c.teacher.source.startswith('hf:') else resized(c.teacher)} "
                   f"({count_params(abstract_model(teacher)[1]):,} parameters), student `{c.student.preset}`"
                   f"{resized(c.student)} "
                   f"({count_params(abstract_model(student)[1]):,} parameters), data `{c.data.source}`, "
