@@ -158,6 +158,11 @@ def test_plan_has_the_head_stage_only_where_needed_and_distills_from_it(tmp_path
         config_lib.validate(bad, teacher, student, 1)
     with pytest.raises(config_lib.ConfigError, match=r"cannot read .*none/config.json"):
         config_lib.model_config(pipeline_config(tmp_path / "none").teacher, "float32")
+    assert mb.hf_checkpoint_heads(str(tmp_path / "none")) is None  # no file: no automatic stage, loading says why
+    os.makedirs(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(config_lib.ConfigError, match=r"cannot read .*corrupt/model.safetensors"):
+        mb.hf_checkpoint_heads(str(tmp_path / "corrupt"))
 
 
 def fixed_batch(vocab_size, batch=8, seq=16, predictions=4, seed=0):

@@ -128,13 +128,16 @@ def teacher_pretraining(c) -> list[Stage]:
                   trains="teacher", init="fresh", dropout=True, eval="mlm")]
 
 
-def hf_checkpoint_heads(directory: str) -> tuple[str, ...]:
-    """The pre-training heads ('mlm', 'nsp') that a transformers checkpoint holds (its tensor names only)."""
+def hf_checkpoint_heads(directory: str) -> tuple[str, ...] | None:
+    """The pre-training heads ('mlm', 'nsp') that a transformers checkpoint holds (its tensor names only); None when
+    there is no model.safetensors (a plan made without the file; loading the teacher then names what is missing)."""
     from safetensors import safe_open
 
     from mobiledistill.config import ConfigError
     from mobiledistill.convert import PRETRAINING_HEADS
     path = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(path):
+        return None
     try:
         with safe_open(path, "np") as f:
             names = list(f.keys())
@@ -146,13 +149,14 @@ def hf_checkpoint_heads(directory: str) -> tuple[str, ...]:
 
 def head_adaptation_steps(c) -> int:
     """Steps of the 'teacher_head' stage: `teacher.adapt_head_steps`, or (0, automatic) `pkt.steps_per_layer` for
-    an hf: teacher without MLM/NSP heads; 0 = no stage."""
+    an hf: teacher whose checkpoint lacks MLM or NSP head; 0 = no stage."""
     if not c.teacher.source.startswith("hf:"):
         return 0
     steps = int(c.teacher.get("adapt_head_steps", 0))
     if steps:
         return steps
-    return 0 if len(hf_checkpoint_heads(c.teacher.source[3:])) == 2 else int(c.pkt.steps_per_layer)
+    heads = hf_checkpoint_heads(c.teacher.source[3:])
+    return 0 if heads is None or len(heads) == 2 else int(c.pkt.steps_per_layer)
 
 
 def teacher_head_adaptation(c) -> list[Stage]:
