@@ -27,12 +27,21 @@ def uses_heads(stage: Stage) -> bool:
     return any(spec.get("loss", name) in HEAD_LOSSES for name, spec in stage.losses.items())
 
 
+def heads_only(stage: Stage) -> bool:
+    """Whether only the MLM / NSP heads train (every other parameter's learning-rate scale is 0)."""
+    opt = stage.optimizer
+    return opt.default_lr_scale == 0 and all(re.match(r"\^(mlm|nsp)/", p) for p, s in opt.lr_scales if s)
+
+
 def stage_flops(stage: Stage, trained: EncoderConfig, teacher: EncoderConfig | None, seq_len: int,
                 predictions: int) -> tuple[float, float]:
     """(trained-model FLOPs, teacher forward FLOPs) per sequence for one step of `stage`."""
     heads = uses_heads(stage)
     kw = dict(mlm_positions=predictions if heads else 0, nsp=heads, pooler=heads)
     student = 3.0 * forward_flops(trained, seq_len, num_layers=stage.num_layers, **kw)
+    if heads and heads_only(stage):  # a frozen encoder (MLM-head adaptation): backward through the heads alone
+        encoder = forward_flops(trained, seq_len, num_layers=stage.num_layers, pooler=heads)
+        student = encoder + (student - 3.0 * encoder)
     teacher_flops = 0.0
     if stage.teacher_from is not None and teacher is not None:
         teacher_flops = float(forward_flops(teacher, seq_len, num_layers=stage.teacher_num_layers, **kw))

@@ -22,7 +22,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from mobiledistill import config as config_lib
-from mobiledistill import convert, steps
+from mobiledistill import convert, perf, steps
 from mobiledistill.models import Encoder, PreTrainingModel, preset
 from mobiledistill.strategies import build_stages
 from mobiledistill.strategies import mobilebert as mb
@@ -131,6 +131,12 @@ def test_plan_has_the_head_stage_only_where_needed_and_distills_from_it(tmp_path
     assert (head.trains, head.init, head.init_from, head.teacher_from, head.eval, head.steps) == (
         "teacher", "checkpoint", f"hf:{tmp_path / 'bare'}", None, "mlm", 7)  # automatic: pkt.steps_per_layer
     assert set(head.losses) == {"mlm", "nsp"} and head.optimizer.default_lr_scale == 0.0
+    # its FLOPs: the frozen encoder runs forward only, the heads forward and backward
+    from mobiledistill.models import forward_flops
+    full = forward_flops(teacher, 16, mlm_positions=5, nsp=True, pooler=True)
+    enc = forward_flops(teacher, 16, pooler=True)
+    assert perf.stage_flops(head, teacher, None, 16, 5) == (enc + 3.0 * (full - enc), 0.0)
+    assert perf.heads_only(head) and not any(perf.heads_only(s) for s in stages[1:])
     assert all(s.teacher_from == "teacher_head" for s in stages[1:])
     # explicit steps and lr
     c.teacher.update(adapt_head_steps=11, adapt_head_lr=3e-3)
