@@ -12,14 +12,11 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
+from mobiledistill.errors import ConfigError  # noqa: F401 (config.ConfigError is the public name)
 from mobiledistill.models import EncoderConfig, preset
 
 PKT_LOSS_NORMALIZERS = ("mean", "num_layers", "stage")
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(EncoderConfig) if f.name not in ("layer_plan", "dtype"))
-
-
-class ConfigError(ValueError):
-    """An impossible or inconsistent configuration value."""
 
 
 def _field_type(name: str):
@@ -184,7 +181,7 @@ def validate(c: ml_collections.ConfigDict, teacher: EncoderConfig, student: Enco
         if student.num_hidden_layers > teacher.num_hidden_layers:
             bad(f"student.num_hidden_layers={student.num_hidden_layers} exceeds the teacher's "
                 f"{teacher.num_hidden_layers}: layer-wise transfer needs a student no deeper than its teacher")
-        from mobiledistill.losses.relations import MATCHING_PRESETS
+        from mobiledistill.losses.matching import MATCHING_PRESETS
         if c.pkt.get("matching", "uniform") not in MATCHING_PRESETS:
             bad(f"pkt.matching={c.pkt.matching!r}; valid: {', '.join(MATCHING_PRESETS)}")
         heads = int(c.pkt.get("relation_heads", 0))

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from mobiledistill.losses import distill, transfer
 from mobiledistill.losses._util import field
+from mobiledistill.losses.matching import match_layers
 
 LossFn = Callable[[Any, Any, Mapping[str, Any]], jax.Array]
 LOSS_REGISTRY: dict[str, Callable[..., LossFn]] = {}
@@ -99,11 +100,10 @@ def _attn_relation(num_relation_heads: int, layers=None, matching: str = "unifor
     """MiniLMv2 Q-Q / K-K / V-V relation transfer (`transfer.attention_relation_transfer`) for any two models.
 
     Reads the encoders' `qkv` outputs (run them with `return_qkv=True`). `layers`: (teacher layer, student layer)
-    pairs of 0-based layer indices, or None to map them with `relations.match_layers(matching)` (pairs with the
+    pairs of 0-based layer indices, or None to map them with `matching.match_layers(matching)` (pairs with the
     embedding output are skipped: it has no attention). Summed over the pairs, divided by `layer_normalizer`
     (default: the number of pairs, i.e. the mean).
     """
-    from mobiledistill.losses.relations import match_layers  # relations imports this module
 
     fixed = None if layers is None else transfer._layer_pairs(layers)
     if fixed is not None and not fixed:

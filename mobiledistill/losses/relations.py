@@ -21,7 +21,7 @@ The official pair losses' forward value is NaN on every batch (`F.kl_div` of the
 entry, the diagonal included, against its zero target; padded rows softmax an all -inf row: loss.py:89-92,
 105-110, 229-231), while their gradient is finite and equal to that of the KL summed over the unmasked entries
 only; we return that sum, so the value is finite and the gradient is the official one.
-- `match_layers`: CKD layer-matching presets; `wr_loss` / `ltr_loss` average a relation over matched layers.
+- `match_layers` (from `losses.matching`): CKD layer-matching presets; `wr_loss` / `ltr_loss` average a relation over matched layers.
 - Registered terms `wr_pair`, `wr_angle`, `ltr_pair`, `ltr_angle` (params: layers / matching, kind, window, ...);
   `ckd_relation_spec` gives their `build_loss` entries; `ckd_task_loss` builds the task-specific total
   `KD + w1*WR_pair + w2*WR_angle + w3*LTR_pair + w4*LTR_angle` with the official weights (`CKD_TASK_HPARAMS`).
@@ -30,8 +30,6 @@ only; we return that sum, so the value is finite and the gradient is the officia
 from __future__ import annotations
 
 import functools
-import math
-import operator
 import re
 from typing import Any, Mapping, Sequence
 
@@ -40,11 +38,11 @@ import jax.numpy as jnp
 
 from mobiledistill.losses import _util
 from mobiledistill.losses._util import MASK_FLOOR, f32, field
+from mobiledistill.losses.matching import MATCHING_PRESETS, match_layers
 from mobiledistill.losses.registry import LossFn, build_loss, register_loss
 
 NORM_EPS = 1e-8
 DEFAULT_WINDOW = 21
-MATCHING_PRESETS = ("emb+skip", "skip", "last", "uniform")
 RELATION_KINDS = ("cosine", "distance")
 DISTANCE_LOSSES = ("huber", "l1", "l2")
 RELATION_TERMS = ("wr_pair", "wr_angle", "ltr_pair", "ltr_angle")
@@ -342,38 +340,6 @@ def ltr_angle_loss(teacher_layers: Sequence[jax.Array], student_layers: Sequence
 # ----------------------------------------------------------------------------------------------------------------
 # Layer matching and multi-layer wrappers
 # ----------------------------------------------------------------------------------------------------------------
-
-def match_layers(num_teacher_layers: int, num_student_layers: int,
-                 preset: str = "emb+skip") -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(teacher indices, student indices) into `hidden_states` (0 = embedding output, k = layer k).
-
-    - 'emb+skip': g = gcd(L_T, L_S); teacher {0, L_T/g, ..., L_T} vs student {0, L_S/g, ..., L_S}
-      (12->6: teacher 0,2,...,12 vs student 0..6; 24->24: identity; 12->5: only {0, last}).
-    - 'skip': the same without the embedding output.
-    - 'last': only the last layers (one pair: enough for WR, too few for LTR).
-    - 'uniform': every student layer k = 1..L_S against teacher round(k * L_T / L_S) (halves up); needs
-      L_S <= L_T (a deeper student would repeat teacher layers).
-    """
-    try:
-        lt, ls = operator.index(num_teacher_layers), operator.index(num_student_layers)
-    except TypeError:
-        lt = ls = 0
-    if lt < 1 or ls < 1:
-        raise ValueError(f"match_layers: layer counts must be positive ints, got teacher {num_teacher_layers!r}, "
-                         f"student {num_student_layers!r}")
-    if preset in ("emb+skip", "skip"):
-        g = math.gcd(lt, ls)
-        first = 0 if preset == "emb+skip" else 1
-        return (tuple(k * (lt // g) for k in range(first, g + 1)), tuple(k * (ls // g) for k in range(first, g + 1)))
-    if preset == "last":
-        return (lt,), (ls,)
-    if preset == "uniform":
-        if ls > lt:
-            raise ValueError(f"match_layers: 'uniform' needs a student no deeper than the teacher (got {lt} teacher, "
-                             f"{ls} student layers); use 'emb+skip' or 'skip'")
-        return tuple((2 * k * lt + ls) // (2 * ls) for k in range(1, ls + 1)), tuple(range(1, ls + 1))
-    raise ValueError(f"match_layers: unknown preset {preset!r}; valid: {MATCHING_PRESETS}")
-
 
 def _matched(teacher_states, student_states, layers, matching):
     if layers is None:

@@ -11,7 +11,8 @@ import math
 import os
 from typing import Any
 
-from mobiledistill.losses.relations import match_layers
+from mobiledistill.losses.matching import match_layers
+from mobiledistill.errors import ConfigError
 from mobiledistill.models import EncoderConfig
 from mobiledistill.optim import OptimizerConfig, progressive_lr_rules
 from mobiledistill.strategies import projection
@@ -133,7 +134,6 @@ def hf_checkpoint_heads(directory: str) -> tuple[str, ...] | None:
     there is no model.safetensors (a plan made without the file; loading the teacher then names what is missing)."""
     from safetensors import safe_open
 
-    from mobiledistill.config import ConfigError
     from mobiledistill.convert import PRETRAINING_HEADS
     path = os.path.join(directory, "model.safetensors")
     if not os.path.exists(path):
