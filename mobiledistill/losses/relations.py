@@ -213,12 +213,16 @@ def _wr_angle_piece(t, s, idx, ok, center_t, center_s, center_valid, eps):
     return jnp.sum(jnp.where(m, jnp.square(a_s - a_t), 0.0)), jnp.sum(m)
 
 
+def _check_official_window(window: int):
+    if window < 1 or window % 2 != 1:
+        raise ValueError(f"window={window}; the official WR angle window must be odd and >= 1 (e.g. 21)")
+
+
 def official_window(batch: int, seq: int, window: int = DEFAULT_WINDOW) -> jax.Array:
     """Neighbour indices [B, S, W] of the official `window_index` (loss.py:29-38): i - (W-1)/2 .. i + (W-1)/2
     clamped into [0, S - 1] of the padded sequence, so windows near the ends repeat the edge position and
     windows near the end of a short sentence reach into its padding. W must be odd (loss.py:175)."""
-    if window < 1 or window % 2 != 1:
-        raise ValueError(f"window={window}; the official WR angle window must be odd and >= 1 (e.g. 21)")
+    _check_official_window(window)
     offsets = jnp.arange(window, dtype=jnp.int32) - window // 2
     idx = jnp.clip(jnp.arange(seq, dtype=jnp.int32)[:, None] + offsets, 0, seq - 1)
     return jnp.broadcast_to(idx, (batch, seq, window))
@@ -416,7 +420,7 @@ def _wr_angle_term(layers=None, matching: str = "emb+skip", window: int = DEFAUL
                    chunk_size: int | None = None, eps: float = NORM_EPS, reduction: str = "official") -> LossFn:
     _check_reduction(reduction)
     if reduction == "official":
-        official_window(1, 1, window)  # validates the window
+        _check_official_window(window)
     elif window < 1:
         raise ValueError(f"window={window}; need >= 1")
     return _term(wr_loss, "angle", layers, matching, False, window=window, chunk_size=chunk_size, eps=eps,
