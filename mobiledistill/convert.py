@@ -228,6 +228,9 @@ def check_hf_expressible(cfg: EncoderConfig, uses_pooler: bool = True) -> None:
     if hf_arch(cfg) == "mobilebert" and cfg.normalization_type == "layer_norm" and not cfg.hf_eps_quirk:
         raise ConversionError("hf_eps_quirk=False with layer_norm: transformers' MobileBERT uses eps 1e-5 in two "
                               "LayerNorms, so the saved model would differ; set hf_eps_quirk=True")
+    if uses_pooler and cfg.classifier_pooling != "cls":
+        raise ConversionError(f"classifier_pooling={cfg.classifier_pooling!r}: transformers' sequence classification "
+                              f"models read the [CLS] token; only 'cls' converts (the encoder alone does)")
     if uses_pooler and hf_arch(cfg) == "bert" and not cfg.classifier_activation:
         raise ConversionError("classifier_activation=False on a plain BERT layout: transformers' BERT always has a "
                               "tanh pooler")

@@ -110,7 +110,7 @@ def finetune_config() -> ml_collections.ConfigDict:
     c.squad_version = "v1.1"  # with task='squad': 'v1.1' or 'v2.0'
     c.init = ""  # required: 'hf:<dir>', 'stage:<workdir>/<stage>', 'preset:<name>'
     # Encoder fields: with a preset they override it; with hf/stage inits only num_hidden_layers (keep the first n
-    # layers), the dropout rates and dtype may be set.
+    # layers), the dropout rates, classifier_pooling ('cls' | 'mean') and dtype may be set.
     c.model = ml_collections.ConfigDict({k: config_dict.placeholder(_field_type(k)) for k in MODEL_FIELDS})
     c.model.dtype = "float32"
     c.tokenizer = ""  # '' = the init's (or teacher's) own; a vocab.txt / tokenizer.json / directory; 'train'
@@ -495,7 +495,7 @@ def _model_overrides(c, allowed=None) -> dict:
     return over
 
 
-_COPY_SETTABLE = ("num_hidden_layers", "hidden_dropout_prob", "attention_probs_dropout_prob")
+_COPY_SETTABLE = ("num_hidden_layers", "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_pooling")
 
 
 def _truncated(cfg: EncoderConfig, over: dict, source: str) -> EncoderConfig:
@@ -1173,8 +1173,34 @@ def run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
     writer at a time (mobiledistill.workdir_lock); a bad config is refused before the workdir is touched.
     """
     validate(c)
+    # Readers take no lock, so they are never refused while another process holds the workdir: 'eval' reads the
+    # finished seeds (and writes only their eval_* files, atomically; no writer touches a finished seed again), and
+    # a re-run of this experiment finished has nothing to write.
+    if c.mode == "eval":
+        return _run(c, workdir, allow_config_change=allow_config_change)
+    finished = _finished(c, epath.Path(workdir))
+    if finished is not None:
+        return finished
     with workdir_lock.hold(workdir):
         return _run(c, workdir, allow_config_change=allow_config_change)
+
+
+def _finished(c, workdir: epath.Path) -> dict | None:
+    """{seed: summary} when `workdir` holds this experiment with every seed of `c` finished and its report written
+    for exactly those seeds (reads only), else None."""
+    try:
+        reported = [r["seed"] for r in json.loads((workdir / "summary.json").read_text())["seeds"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if reported != list(c.seeds) or not (workdir / "report.md").exists() or \
+            not ckpt.fingerprint_matches(workdir, _fingerprint_config(c)):
+        return None
+    summaries = {seed: ckpt.stage_done(workdir / f"seed_{seed}") for seed in c.seeds}
+    if not all(summaries.values()):
+        return None
+    print(f"nothing to do: every seed {list(c.seeds)} in {workdir} is finished; report: {workdir / 'report.md'}",
+          flush=True)
+    return summaries
 
 
 def _run(c, workdir: str, *, allow_config_change: bool = False) -> dict:

@@ -1,7 +1,7 @@
 """Encoder configuration and the named presets (SPEC §2).
 
 Field names follow `transformers.MobileBertConfig` so that Hugging Face checkpoints convert directly; the few extra
-fields (compute dtype, mask form, SPS layer plan, transformers' eps quirk) are ours.
+fields (compute dtype, mask form, SPS layer plan, transformers' eps quirk, the classifier read-out) are ours.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "tanh")
 NORMALIZATIONS = ("layer_norm", "no_norm")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
+POOLINGS = ("cls", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,10 @@ class EncoderConfig:
     layer_plan: tuple[tuple[int, bool], ...] | None = None
     scan_layers: bool = False
     remat: str = "none"
+    # 'cls': the first token (through the tanh pooler when classifier_activation), as BERT and MobileBERT;
+    # 'mean': the mean of the last layer over real tokens, no pooler (sentence-transformers' read-out, e.g.
+    # all-MiniLM-L6-v2, whose lower-layer [CLS] is nearly input-independent).
+    classifier_pooling: str = "cls"
 
     def __post_init__(self):
         if self.layer_plan is not None:  # normalise lists (e.g. from JSON/ml_collections) to hashable tuples
@@ -113,6 +118,8 @@ class EncoderConfig:
             bad(f"normalization_type={self.normalization_type!r}; valid: {', '.join(NORMALIZATIONS)}")
         if self.dtype not in DTYPES:
             bad(f"dtype={self.dtype!r}; valid: {', '.join(DTYPES)} (float16 overflows with NoNorm activations)")
+        if self.classifier_pooling not in POOLINGS:
+            bad(f"classifier_pooling={self.classifier_pooling!r}; valid: {', '.join(POOLINGS)}")
         if self.remat not in REMAT:
             bad(f"remat={self.remat!r}; valid: {', '.join(REMAT)}")
         if self.true_hidden_size % self.num_attention_heads:

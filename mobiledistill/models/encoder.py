@@ -53,6 +53,13 @@ def compute_dtype(cfg: EncoderConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
+def masked_mean(x: Array, mask: Array) -> Array:
+    """Mean of `x` [B, S, H] over the positions where `mask` [B, S] is non-zero (float32 sums, x's dtype out)."""
+    w = (mask != 0).astype(jnp.float32)[..., None]
+    total = jnp.sum(x.astype(jnp.float32) * w, axis=1)
+    return (total / jnp.maximum(jnp.sum(w, axis=1), 1.0)).astype(x.dtype)
+
+
 def dropout(x: Array, rate: float, rng: Optional[Array]) -> Array:
     """Inverted dropout; identity when `rng` is None (deterministic mode) or the rate is 0."""
     if rng is None or rate == 0.0:
@@ -255,7 +262,8 @@ class Embeddings(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    """Embeddings + blocks (+ tanh pooler when `classifier_activation`)."""
+    """Embeddings + blocks (+ tanh pooler when `classifier_activation`); `pooled_output` is the [CLS] read-out or,
+    with `classifier_pooling='mean'`, the masked mean of the last layer."""
 
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -292,8 +300,11 @@ class Encoder(nnx.Module):
                 probs.append(p)
                 if return_qkv:
                     qkv.append(rest[0])
-        first = x[:, 0]
-        pooled = jnp.tanh(self.pooler(first)) if self.cfg.classifier_activation else first
+        if self.cfg.classifier_pooling == "mean":
+            pooled = masked_mean(x, attention_mask)
+        else:
+            first = x[:, 0]
+            pooled = jnp.tanh(self.pooler(first)) if self.cfg.classifier_activation else first
         return EncoderOutput(x, pooled, tuple(hidden), tuple(scores), tuple(probs),
                              None if qkv is None else tuple(qkv))
 
