@@ -291,6 +291,15 @@ def fingerprint(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def fingerprint_matches(workdir: str | epath.Path, config: Mapping[str, Any]) -> bool:
+    """Whether the workdir records exactly this experiment (reads only: for readers of a finished workdir)."""
+    path = epath.Path(workdir) / "fingerprint"
+    try:
+        return path.read_text().strip() == fingerprint(config)
+    except (FileNotFoundError, OSError, UnicodeDecodeError):
+        return False
+
+
 def check_fingerprint(workdir: str | epath.Path, config: Mapping[str, Any], allow_change: bool = False) -> bool:
     """Records the experiment's config in a new workdir; refuses a workdir that holds a different one.
 
