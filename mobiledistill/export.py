@@ -492,8 +492,13 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
     return record
 
 
+OPTIONS = "--from, --to, --format, --quantize, --seq_len, --verify, --repeats"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the usage banner first)
+        if message.startswith("unrecognized arguments"):
+            message += f"; the options are {OPTIONS}"
         raise ExportError(message)
 
 
@@ -519,6 +524,9 @@ def parse_args(argv):
         raise ExportError(f"--quantize={args.quantize} quantises the ONNX file: add onnx to --format")
     if args.repeats < 1:
         raise ExportError(f"--repeats={args.repeats}; must be >= 1")
+    if args.seq_len is not None and args.seq_len < 2:  # the upper bound is the model's, checked once it is loaded
+        raise ExportError(f"--seq_len={args.seq_len}; valid: 2..the model's max_position_embeddings (default "
+                          f"min(128, max_position_embeddings))")
     return args
 
 
@@ -535,7 +543,9 @@ def check_runtimes(formats: list[str]) -> None:
 
 
 def check_out_dir(out: str) -> None:
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"--to={out} is an existing file; give a new or empty directory (nothing is overwritten)")
+    if os.path.isdir(out) and os.listdir(out):
         raise ExportError(f"--to={out} already holds files; give a new or empty directory (nothing is overwritten)")
 
 
@@ -568,7 +578,7 @@ def run(argv=None) -> int:
         check_runtimes(args.formats)
         src = load_source(args.source)
         max_len = src.model.encoder.cfg.max_position_embeddings
-        seq_len = args.seq_len or min(128, max_len)
+        seq_len = args.seq_len if args.seq_len is not None else min(128, max_len)
         if not 2 <= seq_len <= max_len:
             raise ExportError(f"--seq_len={seq_len}; valid: 2..{max_len} (the model's max_position_embeddings)")
         os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ MINILM = os.path.join(sys.prefix, "lib", f"python{sys.version_info.major}.{sys.v
 VOCAB = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\na\ndog\n"
 FT = "--config=configs/finetune_glue.py:task=mrpc,tiny=1"
 PRE = "--config=configs/progressive.py:local"
+EXPORT = "-m mobiledistill.export"  # a case that runs the export CLI instead of mobiledistill.main
 MRPC_ROWS = "sentence1\tsentence2\tlabel\n" + "A man sleeps.\tSomeone sleeps.\t1\nA dog runs.\tA cat sits.\t0\n" * 5
 
 
@@ -144,6 +146,32 @@ CASES = [
      ["not_a_run"]),
     ("eval without a run", [FT, "--workdir=D/not_a_run", *ft_files(), "--config.mode=eval"],
      ["holds no fine-tuning run"]),
+    # Export (python -m mobiledistill.export): D/run is a finished fine-tuning run, D/unfinished one without done.json
+    ("export from not a run", [EXPORT, "--from=D/not_a_run", "--to=D/out"],
+     ["--from=D/not_a_run: neither a fine-tuning run (model.json) nor a pipeline stage directory"]),
+    ("export from missing dir", [EXPORT, "--from=D/none", "--to=D/out"], ["--from=D/none: no such directory"]),
+    ("export unfinished run", [EXPORT, "--from=D/unfinished", "--to=D/out"], ["no finished fine-tuning seed"]),
+    ("export unfinished seed", [EXPORT, "--from=D/unfinished/seed_0", "--to=D/out"], ["has not finished"]),
+    ("export unknown format", [EXPORT, "--from=D/run", "--to=D/out", "--format=hf,tflite"],
+     ["unknown format 'tflite'; valid: comma-separated hf, onnx"]),
+    ("export unknown quantize", [EXPORT, "--from=D/run", "--to=D/out", "--quantize=int8"],
+     ["--quantize=int8; valid: none, dynamic"]),
+    ("export quantize without onnx", [EXPORT, "--from=D/run", "--to=D/out", "--format=hf", "--quantize=dynamic"],
+     ["add onnx to --format"]),
+    ("export seq_len 0", [EXPORT, "--from=D/run", "--to=D/out", "--seq_len=0"], ["--seq_len=0; valid: 2.."]),
+    ("export seq_len negative", [EXPORT, "--from=D/run", "--to=D/out", "--seq_len=-5"], ["--seq_len=-5; valid: 2.."]),
+    ("export seq_len too long", [EXPORT, "--from=D/run", "--to=D/out", "--seq_len=100000"],
+     ["--seq_len=100000; valid: 2..64 (the model's max_position_embeddings)"]),
+    ("export seq_len not a number", [EXPORT, "--from=D/run", "--to=D/out", "--seq_len=long"],
+     ["argument --seq_len: invalid int value: 'long'"]),
+    ("export to a non-empty dir", [EXPORT, "--from=D/run", "--to=D/work"],
+     ["--to=D/work already holds files; give a new or empty directory (nothing is overwritten)"]),
+    ("export to a file", [EXPORT, "--from=D/run", "--to=D/train.tsv"], ["--to=D/train.tsv is an existing file"]),
+    ("export to missing", [EXPORT, "--from=D/run"], ["required: --to"]),
+    ("export unknown option", [EXPORT, "--from=D/run", "--to=D/out", "--calibration=D/train.tsv"],
+     ["unrecognized arguments: --calibration=D/train.tsv; the options are --from, --to"]),
+    ("export repeats 0", [EXPORT, "--from=D/run", "--to=D/out", "--verify", "--repeats=0"],
+     ["--repeats=0; must be >= 1"]),
 ]
 
 
@@ -163,18 +191,55 @@ def snapshot(root):
 def _run_case(case_dir, args):
     e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     e.pop("MOBILEDISTILL_FAULT", None)
+    module = "mobiledistill.main"
+    if args and args[0] == EXPORT:
+        module, args = "mobiledistill.export", args[1:]
     argv = [a.replace("D/", case_dir + "/") for a in args]
-    return subprocess.run([sys.executable, "-m", "mobiledistill.main", *argv], cwd=REPO, env=e,
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, env=e,
                           capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+
+
+def _fake_runs(d):
+    """`d/run`: a finished fine-tuning run as finetune.run leaves it (model.json, the seed's checkpoint, done.json,
+    report); `d/unfinished`: the same without done.json. A tiny random model: export only reads it."""
+    from flax import nnx
+
+    from mobiledistill import checkpoint as ckpt
+    from mobiledistill.models import SequenceClassificationModel, preset
+
+    model = SequenceClassificationModel(preset("test_bert", vocab_size=8, max_position_embeddings=64), 2,
+                                        nnx.Rngs(0))
+    for name, finished in (("run", True), ("unfinished", False)):
+        workdir = os.path.join(d, name)
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, "vocab.txt"), "w") as f:
+            f.write(VOCAB)
+        info = {"task": "mrpc", "kind": "classification", "num_labels": 2, "encoder": model.encoder.cfg.to_dict(),
+                "tokenizer": os.path.join(workdir, "vocab.txt"), "seeds": [0], "init": "preset", "teacher": "",
+                "label_names": ["not_equivalent", "equivalent"]}
+        with open(os.path.join(workdir, "model.json"), "w") as f:
+            json.dump(info, f, default=str)
+        cp = ckpt.StageCheckpoints(os.path.join(workdir, "seed_0"), async_save=False)
+        cp.save(3, nnx.state(model, nnx.Param), {"count": np.zeros((), np.int32)}, {"epoch": 0})
+        if finished:
+            cp.mark_done({"final_step": 3})
+            with open(os.path.join(workdir, "report.md"), "w") as f:
+                f.write("# report\n")
+        cp.close()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """{case id: (case directory, result, snapshot before, snapshot after)}, four cases at a time."""
+    runs = str(tmp_path_factory.mktemp("runs"))
+    _fake_runs(runs)
     dirs = {}
-    for name, _, _ in CASES:
+    for name, args, _ in CASES:
         d = str(tmp_path_factory.mktemp("bad"))
         setup(d)
+        if args and args[0] == EXPORT:  # the runs an export reads, copied so that the snapshot covers them
+            for run in os.listdir(runs):
+                shutil.copytree(os.path.join(runs, run), os.path.join(d, run))
         dirs[name] = (d, snapshot(d))
 
     def one(case):
@@ -201,3 +266,6 @@ def test_bad_input(results, name, args, expected):
     for text in expected:
         assert text.replace("D/", d + "/") in lines[0], lines[0]
     assert {p: v for p, v in after.items() if p in before} == before, "an existing file changed"
+    if args[0] == EXPORT:  # nothing written: no output directory, no partial one, no file added to the runs
+        assert set(after) == set(before) and not os.path.exists(os.path.join(d, "out")), sorted(set(after) - set(before))
+        assert not [f for f in os.listdir(d) if ".partial-" in f]
