@@ -132,3 +132,63 @@ def test_second_pipeline_on_a_busy_workdir_is_refused_then_a_killed_ones_lock_is
     assert f"warning: taking over the lock of {workdir} from pid {first.pid}" in third.stderr, third.stderr[-3000:]
     assert third.returncode == 0 and "[1/1 teacher] resuming at step" in third.stdout
     assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))  # released at the end
+
+
+def test_a_finished_run_is_read_without_the_lock(tmp_path, sleeper, capsys):
+    """Readers of a finished run are never refused while another process holds its workdir: re-running the finished
+    experiment (nothing to do, nothing written), evaluating it (mode=eval) and exporting it; a run that would write
+    (another seed) is still refused."""
+    import tensorflow_datasets as tfds
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import finetune_glue
+
+    from mobiledistill import export, finetune
+
+    workdir = str(tmp_path / "run")
+    def config(seeds=(0,)):
+        c = finetune_glue.get_config("task=sst2,tiny=1")
+        c.seeds = seeds
+        return c
+
+    with tfds.testing.mock_data(num_examples=10):
+        first = finetune.run(config(), workdir)
+        holder = write_lock(tmp_path / "run", sleeper.pid)  # another live process holds the workdir
+        before = files(workdir)
+        capsys.readouterr()
+        assert finetune.run(config(), workdir) == first
+        assert "nothing to do: every seed [0]" in capsys.readouterr().out
+        assert files(workdir) == before  # a pure read
+        c = config()
+        c.mode = "eval"
+        assert set(finetune.run(c, workdir)) == {0}
+        assert os.path.exists(os.path.join(workdir, "seed_0", "eval_validation_metrics.json"))
+        with pytest.raises(CheckpointError, match=f"in use by pid {sleeper.pid}"):
+            finetune.run(config(seeds=(0, 1)), workdir)  # seed 1 would be trained: a writer
+    assert export.run([f"--from={workdir}", f"--to={tmp_path / 'exported'}", "--format=hf"]) == 0
+    assert json.loads((tmp_path / "run" / workdir_lock.LOCK_NAME).read_text()) == holder
+
+
+def test_a_finished_pipeline_is_read_without_the_lock(tmp_path, sleeper, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import teacher as teacher_config
+
+    from mobiledistill import checkpoint as ckpt
+    from mobiledistill import pipeline
+
+    c = teacher_config.get_config("local")
+    workdir = tmp_path / "w"
+    _, _, stages = pipeline.plan(c)
+    ckpt.check_fingerprint(workdir, c.to_dict())
+    for s in stages:
+        (workdir / s.name).mkdir()
+        (workdir / s.name / "done.json").write_text(json.dumps({"stage": s.name, "final_step": s.steps}))
+    (workdir / "report.md").write_text("# report\n")
+    write_lock(workdir, sleeper.pid)
+    before = files(workdir)
+    capsys.readouterr()
+    assert set(pipeline.run(c, str(workdir))) == {s.name for s in stages}
+    assert f"nothing to do: all {len(stages)} stages" in capsys.readouterr().out and files(workdir) == before
+    (workdir / stages[-1].name / "done.json").unlink()  # unfinished: a writer, refused
+    with pytest.raises(CheckpointError, match=f"in use by pid {sleeper.pid}"):
+        pipeline.run(c, str(workdir))
