@@ -53,8 +53,9 @@ def compute_dtype(cfg: EncoderConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
-def masked_mean(x: Array, mask: Array) -> Array:
-    """Mean of `x` [B, S, H] over the positions where `mask` [B, S] is non-zero (float32 sums, x's dtype out)."""
+def token_mean(x: Array, mask: Array) -> Array:
+    """Per-row mean of `x` [B, S, H] over the tokens where `mask` [B, S] is non-zero -> [B, H] (float32 sums, x's
+    dtype out); `losses._util.masked_mean` is the scalar mean of a loss."""
     w = (mask != 0).astype(jnp.float32)[..., None]
     total = jnp.sum(x.astype(jnp.float32) * w, axis=1)
     return (total / jnp.maximum(jnp.sum(w, axis=1), 1.0)).astype(x.dtype)
@@ -301,7 +302,7 @@ class Encoder(nnx.Module):
                 if return_qkv:
                     qkv.append(rest[0])
         if self.cfg.classifier_pooling == "mean":
-            pooled = masked_mean(x, attention_mask)
+            pooled = token_mean(x, attention_mask)
         else:
             first = x[:, 0]
             pooled = jnp.tanh(self.pooler(first)) if self.cfg.classifier_activation else first
