@@ -11,6 +11,7 @@ from mobiledistill import checkpoint as ckpt
 from mobiledistill import config as config_lib
 from mobiledistill import perf, sharding, workdir_lock
 from mobiledistill.data import InMemoryCorpus, corpus_from_config, load_tokenizer, trained_tokenizer
+from mobiledistill.data.sources import concatenated
 from mobiledistill.data.errors import DataError
 from mobiledistill.models import count_params
 from mobiledistill.optim import trainable_mask
@@ -30,20 +31,25 @@ def plan(c, num_devices: int | None = None):
     return teacher, student, build_stages(c, teacher, student)
 
 
-def _source_config(c) -> dict:
-    src = c.data.source
+def _source_config(src: str, text_field: str) -> dict:
     kind, _, rest = src.partition(":")
-    if kind == "embedded":
-        return {"kind": "embedded"}
+    if kind in ("embedded", "news"):
+        return {"kind": kind}
     if kind == "tfds":
         name, _, split = rest.partition(":")
-        return {"kind": "tfds", "name": name, "split": split or "train", "text_key": c.data.text_field}
+        return {"kind": "tfds", "name": name, "split": split or "train", "text_key": text_field}
     if kind == "files":
         return {"kind": "text", "paths": rest}
     if kind in ("jsonl", "csv"):
-        return {"kind": kind, "paths": rest, "text_key": c.data.text_field}  # record_files' name for it
-    raise config_lib.ConfigError(f"data.source={src!r}; valid: 'embedded', 'tfds:<name>[:<split>]', "
-                                 f"'files:<glob>', 'jsonl:<glob>', 'csv:<glob>'")
+        return {"kind": kind, "paths": rest, "text_key": text_field}  # record_files' name for it
+    raise config_lib.ConfigError(f"data.source={src!r}; valid: 'embedded', 'news', 'tfds:<name>[:<split>]', "
+                                 f"'files:<glob>', 'jsonl:<glob>', 'csv:<glob>', or several joined by '+'")
+
+
+def source_corpus(c):
+    """The corpus of `c.data.source`: one source, or several joined by '+' (their documents concatenated)."""
+    return concatenated([corpus_from_config(_source_config(s, c.data.text_field))
+                         for s in c.data.source.split("+")])
 
 
 def split_heldout(corpus, every: int):
@@ -142,7 +148,7 @@ def _run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
         return finished
     ckpt.check_fingerprint(workdir, c.to_dict(), allow_config_change)
 
-    corpus = corpus_from_config(_source_config(c))
+    corpus = source_corpus(c)
     train_corpus, heldout_corpus = split_heldout(corpus, c.data.heldout_every)
     tok = tokenizer_for(c, workdir, train_corpus)
     teacher, student = with_vocab(teacher, tok.vocab_size), with_vocab(student, tok.vocab_size)

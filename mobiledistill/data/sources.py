@@ -285,7 +285,15 @@ class TfdsCorpus(Corpus):
             return ""
 
 
-SOURCE_KINDS = ("embedded", "text", "jsonl", "csv", "tfds")
+SOURCE_KINDS = ("embedded", "news", "text", "jsonl", "csv", "tfds")
+
+
+def concatenated(corpora: Sequence[Corpus]) -> Corpus:
+    """One corpus of the documents of `corpora`, in order (one corpus: itself)."""
+    if len(corpora) == 1:
+        return corpora[0]
+    report = SkipReport("+".join(c.name for c in corpora))
+    return InMemoryCorpus(report.name, [c[i] for c in corpora for i in range(len(c))], report)
 
 
 def corpus_from_config(cfg: Mapping[str, Any]) -> Corpus:
@@ -295,6 +303,9 @@ def corpus_from_config(cfg: Mapping[str, Any]) -> Corpus:
     cfg.pop("weight", None)
     if kind == "embedded":
         return embedded_corpus()
+    if kind == "news":
+        from mobiledistill.data.news import news_corpus
+        return news_corpus(**cfg)
     if kind == "text":
         return text_files(cfg.pop("paths"), **cfg)
     if kind in ("jsonl", "csv"):
