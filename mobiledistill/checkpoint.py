@@ -317,8 +317,11 @@ def check_fingerprint(workdir: str | epath.Path, config: Mapping[str, Any], allo
             try:
                 before = _flatten(json.loads(cfg_path.read_text()))
                 after = _flatten(json.loads(json.dumps(dict(config), default=str)))
-                diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)
+                missing = object()  # a key one side lacks differs even where the other holds None
+                diff = sorted(k for k in set(before) | set(after) if before.get(k, missing) != after.get(k, missing)
                               and not any(k.startswith(x) for x in VOLATILE_KEYS))
+                diff = [k if k in before else f"{k} (not recorded in the workdir: a field added since)"
+                        for k in diff]
             except Exception:
                 diff = ["?"]
             raise CheckpointError(

@@ -262,6 +262,7 @@ def _assert_same_params(a_dir, b_dir):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_pipeline_resumes_past_unreadable_checkpoints_and_done_json_bit_identically(tmp_path):
     from test_pipeline import tiny
 
@@ -316,3 +317,15 @@ def test_pipeline_resumes_past_unreadable_checkpoints_and_done_json_bit_identica
     assert len(lines) == 1 and lines[0].startswith("error: no readable checkpoint in "), r.stderr[-3000:]
     assert "nothing was moved or deleted" in lines[0]
     assert snapshot(run) == before
+
+
+def test_a_config_field_added_since_is_named_when_the_workdir_is_refused(tmp_path):
+    """An old workdir's config.json lacks a field a newer version added (value None): the refusal names it."""
+    from mobiledistill.checkpoint import CheckpointError, check_fingerprint
+    old = {"model": {"hidden_size": 8}, "seed": 0}
+    assert check_fingerprint(tmp_path, old) is False
+    new = {"model": {"hidden_size": 8, "classifier_pooling": None}, "seed": 0}
+    with pytest.raises(CheckpointError, match=r"config differs in \['model.classifier_pooling \(not recorded in "
+                                              r"the workdir: a field added since\)'\]\); use a new"):
+        check_fingerprint(tmp_path, new)
+    assert check_fingerprint(tmp_path, old) is True
