@@ -111,11 +111,17 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def write_json_atomic(path: epath.Path, obj: Any) -> None:
-    """Writes a temporary file of this process's own and replaces `path` with it (an existing one included)."""
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Writes a temporary file of this process's own and replaces `path` with it (an existing one included): a
+    kill leaves the old file or the new one, never a cut one."""
+    path = epath.Path(path)
     tmp = path.parent / f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json_atomic(path: epath.Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 class StageCheckpoints:

@@ -1159,9 +1159,9 @@ def write_report(c, workdir: epath.Path, ctx: Context, summaries: Mapping[int, d
             f"{c.data.max_seq_length}, AdamW lr {c.train.lr:g}. {labels}Metrics in percent, each eval split on its "
             f"own; mean ± sample std over seeds.\n\n" + "\n".join(sections))
     if jax.process_index() == 0:
-        (workdir / "report.md").write_text(text)
+        ckpt.write_text_atomic(workdir / "report.md", text)
         agg = evaluate.summarize_seeds(runs)
-        (workdir / "summary.json").write_text(json.dumps(evaluate._jsonable(
+        ckpt.write_text_atomic(workdir / "summary.json", json.dumps(evaluate._jsonable(
             {"label": run_label(c), "seeds": runs, "mean_std": agg}), indent=2))
     return text
 

@@ -182,7 +182,7 @@ def _run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
                   f"({count_params(abstract_model(student)[1]):,} parameters), data `{c.data.source}`, "
                   f"global batch {c.train.global_batch} x seq {c.data.max_seq_length}.")
         path = write_report(workdir, stages, summaries, header, comparison)
-        (workdir / "summary.json").write_text(json.dumps(summaries, indent=2, default=str))
+        ckpt.write_text_atomic(workdir / "summary.json", json.dumps(summaries, indent=2, default=str))
         print(f"report: {path}")
         for label, name in comparison:
             acc = summaries[name].get("eval_mlm_accuracy")

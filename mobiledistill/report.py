@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping, Sequence
 
 from etils import epath
 
+from mobiledistill.checkpoint import write_text_atomic
 from mobiledistill.metrics import read_jsonl
 
 RATE_KEYS = ("steps_per_s", "tokens_per_s", "mfu_student", "mfu_total")
@@ -86,7 +86,5 @@ def write_report(workdir: epath.Path, stages: Sequence, summaries: Mapping[str, 
         if evals:
             lines += ["Held-out: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in evals.items()), ""]
     path = workdir / "report.md"
-    tmp = workdir / f"report.md.tmp-{os.getpid()}"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)  # epath's rename refuses an existing report (a re-run after a lost done.json)
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -329,3 +329,22 @@ def test_a_config_field_added_since_is_named_when_the_workdir_is_refused(tmp_pat
                                               r"the workdir: a field added since\)'\]\); use a new"):
         check_fingerprint(tmp_path, new)
     assert check_fingerprint(tmp_path, old) is True
+
+
+def test_reports_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """write_text_atomic (report.md, summary.json of both runners): an interrupted write leaves the old file."""
+    from etils import epath
+    path = tmp_path / "report.md"
+    ckpt.write_text_atomic(path, "old\n")
+    ckpt.write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["report.md"]
+
+    def cut(self, text, *a, **k):  # the process dies halfway through writing the temporary file
+        with open(self, "w") as f:
+            f.write(text[:2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(epath.Path, "write_text", cut)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_text_atomic(path, "newer\n")
+    assert path.read_text() == "new\n"
