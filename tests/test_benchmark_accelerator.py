@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from _limits import SUBPROCESS_TIMEOUT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_accelerator_benchmark_tiny_on_cpu(tmp_path):
     out = tmp_path / "acc.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -234,6 +234,7 @@ def final_params(workdir, stage, step):
     return flat(params)
 
 
+@pytest.mark.slow
 def test_pipeline_from_a_headless_hf_teacher_resumes_and_skips_finished_stages(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")

@@ -40,6 +40,7 @@ def test_three_kills_resume_bit_identically(swept):
         assert r["reruns"] >= 1 and r["landed"]["events_seen"] >= r["target"] >= 1
 
 
+@pytest.mark.slow
 def test_a_broken_resume_is_not_identical(swept):
     """Kill the fine-tuning run right after its first committed checkpoint, move that checkpoint's data position
     one batch back (as a resume that restores the wrong iterator state would), re-run: the sweep's comparison must

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from _limits import SUBPROCESS_TIMEOUT
 
 from test_pipeline import REPO, env, tiny, vocab  # noqa: F401  (vocab is a fixture)
@@ -72,6 +73,7 @@ def losses(workdir):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(vocab, tmp_path):  # noqa: F811
     args = tiny(vocab, "--config.teacher.steps=3", "--config.train.log_every=1", "--config.train.eval_batches=1",
                 "--config.train.checkpoint_every=2", config="configs/teacher.py:local")

@@ -80,6 +80,7 @@ def error_line(result):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_kill9_resume_is_bit_identical_and_finished_runs_are_left_alone(vocab, tmp_path):
     ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
     ref = main(tiny(vocab), ref_dir)
@@ -115,6 +116,7 @@ def test_kill9_resume_is_bit_identical_and_finished_runs_are_left_alone(vocab, t
     assert tree_mtimes(run_dir) == before
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_a_rerun_continues(vocab, tmp_path):
     workdir = str(tmp_path / "w")
     args = tiny(vocab, "--config.teacher.steps=400", "--config.train.checkpoint_every=1000")
@@ -160,6 +162,7 @@ def test_relative_workdir(vocab, tmp_path):
     assert os.path.exists(tmp_path / "runs" / "rel" / "report.md")
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_losses(vocab, tmp_path):
     args = tiny(vocab, "--config.teacher.steps=3", "--config.train.log_every=1", config="configs/teacher.py:local")
     runs = {"1": ([], 1), "data8": (["--config.mesh.data=8"], 8),

@@ -102,6 +102,7 @@ def test_finetune_run_is_refused_while_another_process_holds_the_workdir(tmp_pat
     assert files(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_second_pipeline_on_a_busy_workdir_is_refused_then_a_killed_ones_lock_is_taken_over(tmp_path):
     from test_pipeline import REPO, env, main, tiny
 
