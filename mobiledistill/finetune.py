@@ -472,7 +472,7 @@ def copy_matching(dst: nnx.State, src: nnx.State, what: str) -> None:
         elif tuple(s.shape) != tuple(v.shape):
             shapes.append(f"{'/'.join(map(str, p))} {tuple(s.shape)} vs {tuple(v.shape)}")
         else:
-            v.set_value(jnp.asarray(s.get_value() if hasattr(s, "get_value") else s))
+            v.set_value(jnp.array(s.get_value() if hasattr(s, "get_value") else s))  # copy: donated by each seed
     if missing or shapes:
         raise ConfigError(f"{what} does not fit the task model's encoder: missing {missing[:4]}, shapes {shapes[:4]}")
 

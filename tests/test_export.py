@@ -330,3 +330,13 @@ def test_module_entry_point(sst2_run, tmp_path):
     p = subprocess.run([sys.executable, "-m", "mobiledistill.export", f"--from={sst2_run}", f"--to={out}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "already holds files" in p.stderr
+
+
+def test_several_seeds_fine_tune_from_one_pipeline_stage(stage_run, tmp_path):
+    """init=stage:<workdir>/pd with 2 seeds: each seed copies the stage's encoder (seed 0's step donates its own
+    parameters; it once donated the shared source, and seed 1 died on a deleted buffer)."""
+    with tfds.testing.mock_data(num_examples=10):
+        c = finetune_glue.get_config(f"task=sst2,tiny=1,seeds=2,init=stage:{stage_run}/pd")
+        c.tokenizer = ""  # the stage's own vocab
+        runs = finetune.run(c, str(tmp_path / "ft"))
+    assert sorted(runs) == [0, 1] and all(0 <= r["accuracy"] <= 100 for r in runs.values()), runs
