@@ -44,7 +44,7 @@ def get_config(arg=None):
 
     pkd = finetune_config()
     apply_arg(pkd, {k: v for k, v in args.items() if k != "init"})
-    pkd.init = "ptp:"  # set to the PTP stage's run by strategies.peakd.run
+    pkd.init = "ptp:"  # set to the PTP stage's run by mobiledistill.peakd_recipe.run
     pkd.distill.teacher = teacher
     pkd.tokenizer = args.get("tokenizer", "")
     pkd.distill.kd_weight = 0.0  # the KL term below replaces the default soft cross-entropy

@@ -87,6 +87,7 @@ from mobiledistill.models import (
     preset,
 )
 from mobiledistill.optim import OptimizerConfig
+from mobiledistill.strategies.peakd import PTP_NUM_LABELS, paired_plan, ptp_labels, top_layers_plan
 from mobiledistill.strategies.stage import Stage
 from mobiledistill.train import SigtermFlag, log_metrics, save_or_preempt
 
@@ -853,7 +854,6 @@ def prepare(c, workdir: epath.Path, before_writing=None) -> Context:
                                                       lambda: task_texts(task, examples["train"]))
     cfg = source.cfg
     if c.get("sps"):
-        from mobiledistill.strategies.peakd import paired_plan, top_layers_plan
         n = cfg.num_hidden_layers
         cfg = cfg.replace(layer_plan=paired_plan(n) if c.sps == "paired" else top_layers_plan(n, min(3, n)))
     if source.params is None:
@@ -894,8 +894,6 @@ def prepare(c, workdir: epath.Path, before_writing=None) -> Context:
 
 def _ptp_data(c, data: TaskData, t: Teacher, mesh) -> TaskData:
     """`data` with every split's labels replaced by the PTP labels of teacher `t` (4 classes)."""
-    from mobiledistill.strategies.peakd import PTP_NUM_LABELS, ptp_labels
-
     if data.num_labels < 2:
         raise ConfigError(f"ptp: task {c.task} is a regression task; PTP needs classification labels")
     predict = make_predict(t.graphdef, t.kind)

@@ -62,11 +62,11 @@ def main(argv):
             finetune.run(c, workdir, allow_config_change=_ALLOW.value)
             return
         if c.get("kind") == "peakd":  # Pea-KD: PTP then PKD stage (configs/peakd.py)
-            from mobiledistill.strategies import peakd
+            from mobiledistill import peakd_recipe
             if _DRY_RUN.value or not workdir:
                 _fail("Pea-KD configs need --workdir (and have no --dry_run)")
             sharding.initialize_distributed()
-            peakd.run(c, workdir)
+            peakd_recipe.run(c, workdir)
             return
         if _DRY_RUN.value:
             import jax

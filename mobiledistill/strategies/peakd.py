@@ -13,8 +13,6 @@ against lower-case names and crashes for those tasks; we accept 'sst2', 'SST-2',
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 PTP_THRESHOLDS: dict[str, tuple[float, float]] = {
@@ -71,38 +69,3 @@ def patience_layers(student_layers: int, teacher_layers: int) -> tuple[list[int]
                          f"({teacher_layers})")
     s = list(range(1, student_layers))
     return s, [round(i * teacher_layers / student_layers) for i in s]
-
-
-def _teacher_layers(src: str) -> int:
-    from etils import epath
-
-    from mobiledistill import finetune
-
-    if src.startswith("hf:"):
-        return int(json.loads((epath.Path(src[3:]) / "config.json").read_text())["num_hidden_layers"])
-    workdir, _ = finetune.finished_run_dir(epath.Path(src[len("finetune:"):]))
-    return len(finetune.read_model_json(workdir)["encoder"].plan)
-
-
-def run(c, workdir: str) -> dict:
-    """Pea-KD (configs/peakd.py): the PTP stage (`c.ptp_stage`, one seed) in `<workdir>/ptp`, then the PKD stage
-    (`c.pkd_stage`, initialised from the PTP encoder, patience layers mapped PKD-skip) in `<workdir>/pkd`."""
-    from etils import epath
-
-    from mobiledistill import finetune
-
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ptp_dir = workdir / "ptp"
-    ptp_dir.mkdir(exist_ok=True)
-    finetune.run(c.ptp_stage, str(ptp_dir))
-    pkd = c.pkd_stage
-    info = finetune.read_model_json(ptp_dir)
-    s, t = patience_layers(len(info["encoder"].plan), _teacher_layers(pkd.distill.teacher))
-    with pkd.unlocked():
-        pkd.init = f"ptp:{ptp_dir}/seed_{c.ptp_stage.seeds[0]}"
-        pkd.distill.extra_losses.patience.student_layers = s
-        pkd.distill.extra_losses.patience.teacher_layers = t
-    pkd_dir = workdir / "pkd"
-    pkd_dir.mkdir(exist_ok=True)
-    return finetune.run(pkd, str(pkd_dir))
