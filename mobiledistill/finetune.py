@@ -1183,7 +1183,7 @@ def run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
         return _run(c, workdir, allow_config_change=allow_config_change)
 
 
-def _finished(c, workdir: epath.Path) -> dict | None:
+def _finished(c, workdir: epath.Path, quiet: bool = False) -> dict | None:
     """{seed: summary} when `workdir` holds this experiment with every seed of `c` finished and its report written
     for exactly those seeds (reads only), else None."""
     try:
@@ -1196,6 +1196,8 @@ def _finished(c, workdir: epath.Path) -> dict | None:
     summaries = {seed: ckpt.stage_done(workdir / f"seed_{seed}") for seed in c.seeds}
     if not all(summaries.values()):
         return None
+    if quiet:
+        return summaries
     print(f"nothing to do: every seed {list(c.seeds)} in {workdir} is finished; report: {workdir / 'report.md'}",
           flush=True)
     return summaries
@@ -1245,3 +1247,15 @@ def evaluate_run(c, workdir: str | epath.Path) -> dict:
     if not results:
         raise ckpt.CheckpointError(f"{workdir}: no finished seed among {list(c.seeds)} to evaluate")
     return results
+
+
+# Public names of the engine's planning (mobiledistill.recipe_plan, task_plan).
+finished = _finished
+COPY_SETTABLE = _COPY_SETTABLE
+model_overrides = _model_overrides
+truncated = _truncated
+
+
+def label_names_of(c) -> tuple[str, ...]:
+    """The class names a custom task's config gives (`custom.labels`); () = named by the training file."""
+    return _names(c.custom.labels)
