@@ -22,7 +22,7 @@ from _limits import SUBPROCESS_TIMEOUT
 from flax import nnx
 
 from mobiledistill import checkpoint as ckpt
-from mobiledistill import convert, export, finetune
+from mobiledistill import convert, export, export_verify, finetune
 from mobiledistill.models import SequenceClassificationModel, SpanModel, preset
 from mobiledistill.strategies.peakd import paired_plan
 
@@ -273,7 +273,7 @@ def test_verification_failure_writes_nothing(sst2_run, tmp_path, monkeypatch, ca
     def off(*a, **k):  # a JAX reference that the written files cannot match
         return {n: v * 1.01 for n, v in real(*a, **k).items()}
 
-    monkeypatch.setattr(export, "jax_outputs", off)
+    monkeypatch.setattr(export_verify, "jax_outputs", off)  # where `verify` looks it up
     out = tmp_path / "out"
     assert run_export(f"--from={sst2_run}", f"--to={out}", "--format=hf", "--seq_len=8", "--verify") == 1
     err = capsys.readouterr().err

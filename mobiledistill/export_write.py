@@ -1,0 +1,111 @@
+"""Writing an export's files: the Hugging Face directory, the tokenizer, ONNX fp32 and ONNX dynamic int8."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from mobiledistill.export_source import Source
+
+OUTPUTS = {"classification": ("logits",), "span": ("start_logits", "end_logits"),
+           "pretraining": ("prediction_logits", "seq_relationship_logits")}
+HIDDEN = "last_hidden_state"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _hf_class(kind: str, cfg):
+    import transformers
+
+    from mobiledistill.convert import hf_arch
+    arch = "Bert" if hf_arch(cfg) == "bert" else "MobileBert"
+    suffix = {"classification": "ForSequenceClassification", "span": "ForQuestionAnswering",
+              "pretraining": "ForPreTraining"}[kind]
+    return getattr(transformers, arch + suffix)
+
+
+def load_transformers(src: Source, hf_dir: str):
+    """The saved directory as transformers' own eval-mode model (eager attention: traceable, exact)."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # stderr stays free for the one-line error
+    logging.set_verbosity_error()
+    return _hf_class(src.kind, src.model.encoder.cfg).from_pretrained(hf_dir, attn_implementation="eager").eval()
+
+
+def write_hf(src: Source, hf_dir: str) -> None:
+    from mobiledistill import convert
+
+    convert.save_hf(src.model, hf_dir, label_names=src.label_names)
+    write_tokenizer(src, hf_dir)
+
+
+def write_tokenizer(src: Source, directory: str) -> None:
+    """The run's WordPiece as a transformers fast tokenizer (BERT inputs incl. token_type_ids) plus vocab.txt."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from mobiledistill.data import load_tokenizer
+
+    tok = load_tokenizer(src.tokenizer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend.to_str()), unk_token="[UNK]",
+                                   pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=list(INPUTS[:1] + INPUTS[2:] + INPUTS[1:2]),
+                                   model_max_length=src.model.encoder.cfg.max_position_embeddings)
+    fast.save_pretrained(directory)
+    with open(os.path.join(directory, "vocab.txt"), "w") as f:
+        f.write(tok.vocab_text())
+
+
+def write_onnx(src: Source, hf_dir: str, path: str, seq_len: int) -> None:
+    """`torch.onnx.export` (TorchScript exporter: no onnxscript needed) of the transformers model, one file."""
+    import onnx
+    import torch
+
+    names = OUTPUTS[src.kind]
+
+    class Outputs(torch.nn.Module):
+        """The task outputs plus the final hidden state, as a tuple (ONNX needs plain tensors)."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                             output_hidden_states=True)
+            return tuple(getattr(out, n) for n in names) + (out.hidden_states[-1],)
+
+    wrapped = Outputs(load_transformers(src, hf_dir))
+    example = tuple(torch.tensor(a) for a in random_inputs(src.model.encoder.cfg, 2, seq_len, seed=1))
+    per_token = {"start_logits", "end_logits", "prediction_logits", HIDDEN}
+    axes = {k: {0: "batch", 1: "sequence"} for k in INPUTS}
+    axes.update({n: ({0: "batch", 1: "sequence"} if n in per_token else {0: "batch"}) for n in names + (HIDDEN,)})
+    import warnings
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings of the TorchScript exporter
+        torch.onnx.export(wrapped, example, path, dynamo=False, input_names=list(INPUTS),
+                          output_names=list(names) + [HIDDEN], dynamic_axes=axes, opset_version=17)
+    model = onnx.load(path)  # one self-contained file (no .data sidecar): what quant_pre_process accepts
+    onnx.save_model(model, path, save_as_external_data=False)
+
+
+def quantize_onnx(fp32_path: str, int8_path: str, scratch: str) -> None:
+    """onnxruntime dynamic int8: shape-inference pre-processing, then int8 per-channel weights."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = os.path.join(scratch, "model.pre.onnx")
+    quant_pre_process(fp32_path, pre, skip_symbolic_shape=True)  # the symbolic pass gives up on this graph
+    quantize_dynamic(pre, int8_path, weight_type=QuantType.QInt8, per_channel=True)
+
+
+def random_inputs(cfg, batch: int, seq_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int64 (ids, attention mask, token types): two segments; rows after the first are padded to other lengths."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, cfg.vocab_size, (batch, seq_len)).astype(np.int64)
+    types = np.broadcast_to((np.arange(seq_len) >= seq_len // 2).astype(np.int64), (batch, seq_len)).copy()
+    mask = np.ones((batch, seq_len), np.int64)
+    for b in range(1, batch):
+        n = max(2, seq_len - 1 - (5 * b) % max(1, seq_len // 2))
+        mask[b, n:], ids[b, n:], types[b, n:] = 0, cfg.pad_token_id, 0
+    return ids, mask, types
