@@ -27,12 +27,12 @@ class Source:
 def _finetune_source(path) -> Source:
     from flax import nnx
 
-    from mobiledistill import finetune
     from mobiledistill.data.glue import GLUE_TASKS
+    from mobiledistill.finetune.sources import finished_run_dir, load_finetuned, read_model_json
 
-    workdir, run_dir = finetune.finished_run_dir(path)
-    info = finetune.read_model_json(workdir)
-    t = finetune.load_finetuned(run_dir, dtype="float32")
+    workdir, run_dir = finished_run_dir(path)
+    info = read_model_json(workdir)
+    t = load_finetuned(run_dir, dtype="float32")
     names = info.get("label_names")  # recorded by newer runs (custom tasks too); older ones: the GLUE table
     task = GLUE_TASKS.get(str(info["task"]).lower().replace("-", "").replace("_", ""))
     if not names and task is not None and task.label_names is not None:
@@ -51,7 +51,7 @@ def _stage_source(stage_dir) -> Source:
     from mobiledistill import checkpoint as ckpt
     from mobiledistill import config as config_lib
     from mobiledistill.data import load_tokenizer
-    from mobiledistill.finetune import _as_state
+    from mobiledistill.finetune.sources import _as_state
     from mobiledistill.models import PreTrainingModel
     from mobiledistill.strategies import build_stages
 
