@@ -7,6 +7,7 @@ r"""Pea-KD (Cho & Kang) on one GLUE task: a fine-tuned teacher -> PTP stage -> P
 
 `arg`: task (rte, mrpc, sst2, qnli: the official PTP thresholds), teacher (required), init, seeds, epochs, tiny, plus
 layers (distinct student layers, default 3) and sps (paired | top3).
+A recipe of two stages run by mobiledistill.engine (`--config.ptp.*`, `--config.pkd.*` override them).
 PTP stage (`ptp/`, first seed): 4-way labels from the teacher's predictions, 4-way head, CE, lr 2e-5, 4 epochs, keeps
 the best-dev-loss encoder. PKD stage (`pkd/`, all seeds): the PTP encoder with a fresh task head, loss
 0.3·CE + 0.7·T²·KL (T 10; the KL averaged over batch x classes, as the official code) + 100·patience ([CLS] MSE,
@@ -44,7 +45,9 @@ def get_config(arg=None):
 
     pkd = finetune_config()
     apply_arg(pkd, {k: v for k, v in args.items() if k != "init"})
-    pkd.init = "ptp:"  # set to the PTP stage's run by mobiledistill.peakd_recipe.run
+    pkd.init = ""  # the engine sets init=ptp:<workdir>/ptp/seed_<s> from init_from
+    pkd.init_from = "ptp"
+    pkd.auto_patience = True  # the patience layers are mapped once the PTP student's depth is known
     pkd.distill.teacher = teacher
     pkd.tokenizer = args.get("tokenizer", "")
     pkd.distill.kd_weight = 0.0  # the KL term below replaces the default soft cross-entropy
@@ -57,7 +60,7 @@ def get_config(arg=None):
         pkd.train.lr, pkd.train.batch, pkd.train.epochs = 2e-5, 64, int(args.get("epochs", 6))
 
     c = ml_collections.ConfigDict()
-    c.kind = "peakd"
-    c.ptp_stage = ptp
-    c.pkd_stage = pkd
+    c.stages = ("ptp", "pkd")  # a recipe (mobiledistill.engine): <workdir>/ptp, then <workdir>/pkd
+    c.ptp = ptp
+    c.pkd = pkd
     return c

@@ -1,10 +1,13 @@
 """Entry point: `python -m mobiledistill.main --config=configs/progressive.py[:variant] --workdir=DIR`.
 
-Fine-tuning configs (`kind='finetune'`: configs/finetune_glue.py, finetune_squad.py, distill_task.py) run
-`mobiledistill.finetune.run`; `--config.mode=eval` re-evaluates a finished run and writes its predictions.
+Every config is a recipe run by one engine (mobiledistill.engine): a single job (a pre-training pipeline such as
+configs/progressive.py, a fine-tuning / task-distillation run such as configs/finetune_glue.py) or a list of stages
+(`c.stages`: configs/peakd.py, configs/mobilebert_task.py) handing their models on. `--config.mode=eval`
+re-evaluates a finished fine-tuning run and writes its predictions.
 
 Re-running the same command resumes: finished stages are skipped and the interrupted one continues from its last
-checkpoint. `--dry_run` prints the stage plan, sizes, FLOPs and a memory estimate without training.
+checkpoint. `--dry_run` prints the plan of every stage (sizes, FLOPs, a memory estimate) without training or reading
+the workdir.
 Exit codes: 0 done, 2 bad input (one line saying what and what is valid), 3 preempted by SIGTERM (re-run to continue).
 """
 
@@ -14,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mobiledistill import pipeline, sharding
+from mobiledistill import engine, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/progressive.py:local.",
                                           lock_config=True)
@@ -54,30 +57,14 @@ def main(argv):
     if workdir and "://" not in workdir:
         workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; gs:// URLs stay as they are
     try:
-        if c.get("kind") == "finetune":  # GLUE / SQuAD fine-tuning and task distillation (configs/finetune_*.py)
-            from mobiledistill import finetune
-            if _DRY_RUN.value or not workdir:
-                _fail("fine-tuning configs need --workdir (and have no --dry_run)")
-            sharding.initialize_distributed()
-            finetune.run(c, workdir, allow_config_change=_ALLOW.value)
-            return
-        if c.get("kind") == "peakd":  # Pea-KD: PTP then PKD stage (configs/peakd.py)
-            from mobiledistill import peakd_recipe
-            if _DRY_RUN.value or not workdir:
-                _fail("Pea-KD configs need --workdir (and have no --dry_run)")
-            sharding.initialize_distributed()
-            peakd_recipe.run(c, workdir)
-            return
         if _DRY_RUN.value:
             import jax
-            devices = _DEVICES.value or jax.device_count()
-            teacher, student, stages = pipeline.plan(c, devices)
-            print(pipeline.describe(c, teacher, student, stages, devices))
+            print(engine.describe(c, _DEVICES.value or jax.device_count()))
             return
         if not workdir:
             _fail("--workdir is required (a local directory or gs://bucket/path)")
         sharding.initialize_distributed()
-        pipeline.run(c, workdir, allow_config_change=_ALLOW.value)
+        engine.run(c, workdir, allow_config_change=_ALLOW.value)
     except Preempted as e:
         _fail(str(e), code=3)
     except (ConfigError, DataError, CheckpointError, ConversionError, NonFiniteLoss, ValueError) as e:

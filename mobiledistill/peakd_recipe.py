@@ -1,8 +1,5 @@
-"""Runs the Pea-KD recipe (configs/peakd.py): the PTP fine-tuning stage, then the PKD stage initialised from it.
-
-The runner lives here, not in `strategies/peakd.py`, so strategies stay pure functions (plans, labels, layer
-maps) that `finetune` imports without importing a runner back.
-"""
+"""Pea-KD's hand-off from its PTP stage to its PKD stage (configs/peakd.py, run by mobiledistill.engine): the
+patience term maps the student's layers 1..L-1 onto the teacher's layers PKD-skip, once both depths are known."""
 
 from __future__ import annotations
 
@@ -21,21 +18,10 @@ def _teacher_layers(src: str) -> int:
     return len(finetune.read_model_json(workdir)["encoder"].plan)
 
 
-def run(c, workdir: str) -> dict:
-    """Pea-KD (configs/peakd.py): the PTP stage (`c.ptp_stage`, one seed) in `<workdir>/ptp`, then the PKD stage
-    (`c.pkd_stage`, initialised from the PTP encoder, patience layers mapped PKD-skip) in `<workdir>/pkd`."""
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ptp_dir = workdir / "ptp"
-    ptp_dir.mkdir(exist_ok=True)
-    finetune.run(c.ptp_stage, str(ptp_dir))
-    pkd = c.pkd_stage
-    info = finetune.read_model_json(ptp_dir)
-    s, t = patience_layers(len(info["encoder"].plan), _teacher_layers(pkd.distill.teacher))
-    with pkd.unlocked():
-        pkd.init = f"ptp:{ptp_dir}/seed_{c.ptp_stage.seeds[0]}"
-        pkd.distill.extra_losses.patience.student_layers = s
-        pkd.distill.extra_losses.patience.teacher_layers = t
-    pkd_dir = workdir / "pkd"
-    pkd_dir.mkdir(exist_ok=True)
-    return finetune.run(pkd, str(pkd_dir))
+def patience_for(init: str, teacher: str) -> tuple[list[int], list[int]]:
+    """(student layers, teacher layers) of the patience term for a PKD stage initialised from the PTP run `init`
+    ('ptp:<workdir>/seed_<s>') and distilled from `teacher` ('finetune:<workdir>' or 'hf:<dir>')."""
+    path = epath.Path(init[len("ptp:"):])
+    workdir = path.parent if path.name.startswith("seed_") else path
+    student = len(finetune.read_model_json(workdir)["encoder"].plan)
+    return patience_layers(student, _teacher_layers(teacher))

@@ -122,30 +122,31 @@ def run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
 
     A workdir that already holds this experiment finished (every stage's done.json, the report) is only read, so
     it takes no lock: it is never refused because another process holds the workdir (SPEC §12)."""
-    finished = _finished(c, epath.Path(workdir))
-    if finished is not None:
-        return finished
+    done = finished(c, epath.Path(workdir))
+    if done is not None:
+        return done
     with workdir_lock.hold(workdir):
         return _run(c, workdir, allow_config_change=allow_config_change)
 
 
-def _finished(c, workdir: epath.Path) -> dict | None:
+def finished(c, workdir: epath.Path, quiet: bool = False) -> dict | None:
     """The stage summaries when `workdir` holds this experiment finished (reads only), else None."""
     _, _, stages = plan(c)
-    finished = {s.name: ckpt.stage_done(workdir / s.name) for s in stages}
-    if not (all(finished.values()) and (workdir / "report.md").exists() and ckpt.fingerprint_matches(workdir,
+    done = {s.name: ckpt.stage_done(workdir / s.name) for s in stages}
+    if not (all(done.values()) and (workdir / "report.md").exists() and ckpt.fingerprint_matches(workdir,
                                                                                                      c.to_dict())):
         return None
-    print(f"nothing to do: all {len(stages)} stages in {workdir} are finished; report: {workdir / 'report.md'}")
-    return finished
+    if not quiet:
+        print(f"nothing to do: all {len(stages)} stages in {workdir} are finished; report: {workdir / 'report.md'}")
+    return done
 
 
 def _run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
     workdir = epath.Path(workdir)
     teacher, student, stages = plan(c)
-    finished = _finished(c, workdir)  # finished by another process while this one waited
-    if finished is not None:
-        return finished
+    done = finished(c, workdir)  # finished by another process while this one waited
+    if done is not None:
+        return done
     ckpt.check_fingerprint(workdir, c.to_dict(), allow_config_change)
 
     corpus = source_corpus(c)

@@ -107,7 +107,7 @@ CASES = [
     ("positional", [PRE, "--dry_run", "extra"], ["unexpected arguments ['extra']"]),
     ("unknown flag", [PRE, "--dry_run", "--nosuchflag"], ["nosuchflag"]),
     ("bad flag value", [PRE, "--dry_run", "--devices=many"], ["devices"]),
-    ("finetune dry run", [FT, "--dry_run"], ["need --workdir (and have no --dry_run)"]),
+    ("finetune without workdir", [FT], ["--workdir is required"]),  # (fine-tuning configs have --dry_run now)
     # Data files
     ("no files match", [PRE, "--workdir=D/work", "--config.data.source=files:D/none/*.txt"], ["D/none/*.txt"]),
     ("empty corpus", [PRE, "--workdir=D/work", "--config.data.source=files:D/empty.txt"], ["empty.txt"]),

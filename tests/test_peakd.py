@@ -105,8 +105,7 @@ def test_peakd_end_to_end_tiny(tmp_path):
 
     import tensorflow_datasets as tfds
 
-    from mobiledistill import finetune
-    from mobiledistill import peakd_recipe
+    from mobiledistill import engine, finetune
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
     import finetune_glue
     import peakd as peakd_config
@@ -115,8 +114,8 @@ def test_peakd_end_to_end_tiny(tmp_path):
     with tfds.testing.mock_data(num_examples=10):
         finetune.run(finetune_glue.get_config("task=sst2,tiny=1,seeds=1"), teacher)
         c = peakd_config.get_config(f"task=SST-2,teacher=finetune:{teacher},tiny=1")
-        assert c.ptp_stage.ptp.t1 == 0.98 and c.pkd_stage.distill.extra_losses.kl_kd.temperature == 10.0
-        out = peakd_recipe.run(c, str(tmp_path / "peakd"))
+        assert c.ptp.ptp.t1 == 0.98 and c.pkd.distill.extra_losses.kl_kd.temperature == 10.0
+        out = engine.run(c, str(tmp_path / "peakd"))["pkd"]
     ptp_dir = tmp_path / "peakd" / "ptp"
     assert json.loads((ptp_dir / "model.json").read_text())["num_labels"] == 4
     assert (ptp_dir / "seed_0" / "best_encoder.npz").exists()

@@ -236,7 +236,7 @@ def test_peakd_kd_term_equals_the_official_code():
     spec_file = importlib.util.spec_from_file_location("peakd_cfg", "configs/peakd.py")
     mod = importlib.util.module_from_spec(spec_file)
     spec_file.loader.exec_module(mod)
-    pkd = mod.get_config("task=rte,teacher=finetune:/nowhere").pkd_stage
+    pkd = mod.get_config("task=rte,teacher=finetune:/nowhere").pkd
     spec, cacheable = finetune.loss_spec(pkd, "classification", 2, teacher=object())
     assert not cacheable and spec["kl_kd"]["reduction"] == "elementwise_mean"
     rng = np.random.default_rng(7)
