@@ -81,6 +81,9 @@ def run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
     if len(stages) == 1 and not stages[0].directory:  # a single-job config: its runner is the whole recipe
         only = stages[0]
         return {only.name: _run_stage(only, only.config, epath.Path(workdir), allow_config_change)}
+    for stage in stages:
+        if stage.kind == "export":
+            export_stage.check(stage.config)
     wd = epath.Path(workdir)
     done = _all_finished(c, stages, wd)
     if done is not None:

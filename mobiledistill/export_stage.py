@@ -48,18 +48,27 @@ def finished(directory: epath.Path) -> dict | None:
         return None
 
 
-def _write_files(c, src, directory: epath.Path) -> dict:
-    """The export record; the files are written once (a finished export directory is only read)."""
-    record_path = directory / "export.json"
-    if record_path.exists():
-        return json.loads(record_path.read_text())
+def check(c) -> list[str]:
+    """The section's formats after checking them, the quantisation and the runtimes they need (before any stage
+    of the recipe runs: a missing package is named up front, not after hours of training)."""
     formats = [f.strip() for f in str(c.formats).split(",") if f.strip()]
     bad = [f for f in formats if f not in export.FORMATS]
     if bad or not formats:
         raise ConfigError(f"formats={c.formats!r}; valid: comma-separated {', '.join(export.FORMATS)}")
     if c.quantize not in export.QUANTIZE:
         raise ConfigError(f"quantize={c.quantize!r}; valid: {', '.join(export.QUANTIZE)}")
+    if c.quantize != "none" and "onnx" not in formats:
+        raise ConfigError(f"quantize={c.quantize!r} quantises the ONNX file: add onnx to formats")
     export.check_runtimes(formats)
+    return formats
+
+
+def _write_files(c, src, directory: epath.Path) -> dict:
+    """The export record; the files are written once (a finished export directory is only read)."""
+    record_path = directory / "export.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    formats = check(c)
     max_len = src.model.encoder.cfg.max_position_embeddings
     seq_len = int(c.seq_len) or min(128, max_len)
     if not 2 <= seq_len <= max_len:

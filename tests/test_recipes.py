@@ -297,3 +297,14 @@ def test_end_to_end_recipe_tiny_teacher_to_exported_int8_model(tmp_path):
     assert os.path.exists(os.path.join(work, "export", "hf", "model.safetensors"))
     again = main(args, work)
     assert again.returncode == 0 and "nothing to do: all 5 recipe stages" in again.stdout
+
+
+def test_a_missing_export_runtime_is_named_before_any_stage_runs(tmp_path, monkeypatch):
+    from mobiledistill import export
+    import mobilebert_task
+
+    monkeypatch.setitem(export.RUNTIMES, "hf", {"no_such_runtime_pkg": "no-such-runtime"})
+    work = tmp_path / "w"
+    with pytest.raises(export.ExportError, match="needs the Python package 'no-such-runtime'.*pip install"):
+        engine.run(mobilebert_task.get_config("tiny"), str(work))
+    assert not work.exists()  # nothing trained, nothing written
