@@ -1,7 +1,7 @@
 """A finished run -> deployable files: a Hugging Face directory, ONNX fp32 and ONNX dynamic int8 (SPEC §13).
 
     python -m mobiledistill.export --from=RUN --to=OUT --format=hf,onnx --quantize=none|dynamic [--seq_len=L]
-        [--verify]
+        [--verify] [--equalize | --no-equalize] [--calibration=N]
 
 RUN is a finished fine-tuning run (`WORKDIR` = its first finished seed, or `WORKDIR/seed_<s>`; classification,
 regression or SQuAD spans) or a finished stage of a pre-training pipeline (`WORKDIR/<stage>`, MLM + NSP heads).
@@ -10,8 +10,9 @@ OUT must not exist or be empty; it receives
     hf/                 config.json + model.safetensors + tokenizer (transformers `from_pretrained`)
     tokenizer/          the run's WordPiece tokenizer (tokenizer.json, vocab.txt)
     model.onnx          `torch.onnx.export` of the saved transformers model, one file, dynamic batch and sequence
-    model.int8.onnx     onnxruntime `quantize_dynamic` of model.onnx (int8 weights, per-channel; int8 activations
-                        with a per-tensor scale computed at run time)
+    model.int8.onnx     onnxruntime `quantize_dynamic` (int8 weights, per-channel; int8 activations with a
+                        per-tensor scale computed at run time) of model.onnx or, for NoNorm models, of the
+                        residual-equalised model (below)
     model_card.md, export.json
 
 Every ONNX file also outputs `last_hidden_state`, so the int8 error can be measured per feature channel: NoNorm
@@ -19,6 +20,16 @@ students grow a few channels in the thousands, and a whole-tensor error hides wh
 `--verify` runs each file in its own runtime (transformers, onnxruntime) on random padded token batches and compares
 with the JAX model: fp32 files must reach max relative error <= 1e-4 (else exit 1 and OUT is not written); int8 files
 report argmax agreement and per-channel error; latency is measured at batch 1 x L.
+
+Residual equalisation (`mobiledistill.quantize`, on by default for NoNorm models with --quantize=dynamic; turn it
+off with --no-equalize; --equalize on a LayerNorm model is refused): per-tensor int8 activations cannot represent a
+residual stream whose few outlier channels are ~1000x the rest, so the int8 file is made from a copy of the model
+whose residual stream is h / s, with power-of-two per-channel scales s calibrated on --calibration random [CLS] ...
+[SEP] sequences (default 64). The change of basis is exact in float32 (NoNorm is per-channel affine), costs nothing at
+run time, and leaves ordinary channels alone (s = 1 below the median range), so it is the default where it applies.
+Its task outputs are the model's; its `last_hidden_state` is h / s (s is in export.json, `equalization.scales`;
+--verify multiplies it back before comparing, and also reports the plain int8 file's errors for comparison). The
+fp32 files (hf/, model.onnx) are always the original model.
 Exit codes: 0 done, 1 verification failed, 2 bad input (one line on stderr; nothing is written or overwritten).
 """
 
@@ -44,16 +55,19 @@ from mobiledistill.export_verify import (
     jax_outputs,
     latency,
     machine,
+    onnx_file_errors,
     onnx_outputs,
     rel_err,
     transformers_outputs,
     verify,
+    verify_inputs,
 )
 from mobiledistill.export_write import (
     HIDDEN,
     INPUTS,
     OUTPUTS,
     _hf_class,
+    equalized_int8,
     load_transformers,
     quantize_onnx,
     random_inputs,
@@ -61,12 +75,16 @@ from mobiledistill.export_write import (
     write_onnx,
     write_tokenizer,
 )
+from mobiledistill.quantize import CALIBRATION
+
+MAX_CALIBRATION = 100_000
 
 __all__ = [
-    "FORMATS", "FP32_TOL", "HIDDEN", "INPUTS", "OPTIONS", "OUTPUTS", "QUANTIZE", "RUNTIMES", "ExportError", "Source",
-    "VerifyError", "agreement", "channel_errors", "check_out_dir", "check_runtimes", "compare", "export", "jax_outputs",
-    "latency", "load_source", "load_transformers", "machine", "model_card", "onnx_outputs", "parse_args",
-    "quantize_onnx", "random_inputs", "rel_err", "run", "transformers_outputs", "verify", "write_hf", "write_onnx",
+    "CALIBRATION", "FORMATS", "FP32_TOL", "HIDDEN", "INPUTS", "MAX_CALIBRATION", "OPTIONS", "OUTPUTS", "QUANTIZE",
+    "RUNTIMES", "ExportError", "Source", "VerifyError", "agreement", "channel_errors", "check_out_dir",
+    "check_runtimes", "compare", "export", "jax_outputs", "latency", "load_source", "load_transformers", "machine",
+    "model_card", "onnx_file_errors", "onnx_outputs", "parse_args", "quantize_onnx", "random_inputs", "rel_err",
+    "resolve_equalize", "run", "transformers_outputs", "verify", "verify_inputs", "write_hf", "write_onnx",
     "write_tokenizer",
 ]
 
@@ -99,6 +117,7 @@ def model_card(src: Source, record: dict) -> str:
              "|---|---|---|"]
     for name, f in record["files"].items():
         lines.append(f"| `{name}` | {f['format']} | {_mb(f['bytes'])} |")
+    lines += _equalization_lines(record.get("equalization"))
     v = record.get("verify")
     if not v:
         lines += ["", "Not verified (run with `--verify` to compare every file with the JAX model and time it)."]
@@ -129,6 +148,28 @@ def model_card(src: Source, record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _equalization_lines(eq: dict | None) -> list[str]:
+    if not eq:
+        return []
+    if not eq["applied"]:
+        return ["", "int8 residual equalisation: no (LayerNorm model, or --no-equalize)."]
+    lines = ["", "## int8 residual equalisation", "",
+             f"`model.int8.onnx` quantises a copy whose residual stream is h / s (exact in float32; `{HIDDEN}` of "
+             f"that file is h / s, s = `equalization.scales` in export.json). s: powers of two from "
+             f"{eq['scale_min']:g} to {eq['scale_max']:g}, {eq['channels_rescaled']}/{eq['channels']} channels "
+             f"rescaled, calibrated on {eq['calibration_sequences']} random sequences (alpha {eq['alpha']:g}); "
+             f"largest / median channel range {eq['range_ratio_before']:.3g} before, "
+             f"{eq['range_ratio_after']:.3g} after."]
+    plain = eq.get("int8_without_equalization")
+    if plain:
+        h = plain["outputs"][HIDDEN]["per_channel"]
+        lines += ["", f"The same int8 recipe without equalisation (not written): max rel. error "
+                  f"{plain['max_rel_err']:.3g} ({plain['worst_output']}); `{HIDDEN}` worst channel {h['max']:.3g}, "
+                  f"median channel {h['median']:.3g}, channels > 10% err {h['over_10pct']}/{h['channels']}; "
+                  "compare with `model.int8.onnx` below."]
+    return lines
+
+
 def _versions() -> dict:
     out = {}
     for name in ("jax", "flax", "torch", "transformers", "onnx", "onnxruntime"):
@@ -139,10 +180,35 @@ def _versions() -> dict:
     return out
 
 
+def resolve_equalize(cfg, quantize: str, equalize: bool | None) -> bool:
+    """Whether the int8 file is residual-equalised: None = wherever it applies (NoNorm, int8); True insists."""
+    from mobiledistill.quantize import EqualizeError, check_equalizable
+
+    if equalize is False:
+        return False
+    if quantize == "none":
+        if equalize:
+            raise ExportError("--equalize rescales the int8 file: add --quantize=dynamic (and onnx to --format)")
+        return False
+    try:
+        check_equalizable(cfg)
+    except EqualizeError as e:
+        if equalize:
+            raise ExportError(f"--equalize: {e}") from None
+        return False
+    return True
+
+
 def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len: int, do_verify: bool,
-           repeats: int = 10) -> dict:
-    """Writes every requested file into `out_dir` (an empty directory) and returns the export.json record."""
+           repeats: int = 10, equalize: bool | None = None, calibration: int = CALIBRATION) -> dict:
+    """Writes every requested file into `out_dir` (an empty directory) and returns the export.json record.
+
+    `equalize`: None equalises the int8 file's residual stream where that is exact (NoNorm), True insists (a
+    LayerNorm model is refused), False never; `calibration`: sequences the scales are calibrated on."""
     from mobiledistill.models import count_params
+
+    equalize = resolve_equalize(src.model.encoder.cfg, quantize, equalize)
+    equalization = None
 
     scratch = tempfile.mkdtemp(prefix="scratch-", dir=out_dir)
     hf_dir = os.path.join(out_dir, "hf") if "hf" in formats else os.path.join(scratch, "hf")
@@ -157,16 +223,33 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
         files["model.onnx"] = {"format": "ONNX opset 17 (fp32)"}
         if quantize == "dynamic":
             onnx_files["int8_dynamic"] = os.path.join(out_dir, "model.int8.onnx")
-            quantize_onnx(onnx_files["fp32"], onnx_files["int8_dynamic"], scratch)
-            files["model.int8.onnx"] = {"format": "ONNX, onnxruntime dynamic int8 (per-channel weights)"}
+            fmt = "ONNX, onnxruntime dynamic int8 (per-channel weights)"
+            if equalize:
+                equalization = equalized_int8(src, onnx_files["int8_dynamic"], scratch, seq_len, calibration)
+                fmt += "; residual-equalised, last_hidden_state = h / s"
+            else:
+                quantize_onnx(onnx_files["fp32"], onnx_files["int8_dynamic"], scratch)
+            files["model.int8.onnx"] = {"format": fmt}
     for name, f in files.items():
         f["bytes"] = os.path.getsize(os.path.join(out_dir, name))
     record = {"source": src.description, "kind": src.kind, "task": src.task, "labels": src.label_names,
               "seq_len": seq_len, "formats": formats, "quantize": quantize, "files": files,
               "parameters": count_params(src.model), "vocab_size": src.model.encoder.cfg.vocab_size,
               "hf_config": json.loads(open(os.path.join(hf_dir, "config.json")).read()), "versions": _versions()}
+    if quantize != "none":
+        record["equalization"] = equalization or {"applied": False}
+    if equalization:
+        equalization["applied"] = True
     if do_verify:
-        record["verify"] = verify(src, hf_dir, onnx_files, seq_len, "hf" in formats, repeats=repeats)
+        scales = {"int8_dynamic": equalization["scales"]} if equalization else None
+        record["verify"] = verify(src, hf_dir, onnx_files, seq_len, "hf" in formats, repeats=repeats,
+                                  hidden_scales=scales)
+        if equalization:  # the same int8 recipe without equalisation, for comparison (not kept)
+            plain = os.path.join(scratch, "model.int8.plain.onnx")
+            quantize_onnx(onnx_files["fp32"], plain, scratch)
+            inputs = verify_inputs(src, seq_len)
+            equalization["int8_without_equalization"] = onnx_file_errors(src, plain, jax_outputs(src, *inputs),
+                                                                         inputs)
     shutil.rmtree(scratch)
     with open(os.path.join(out_dir, "model_card.md"), "w") as f:
         f.write(model_card(src, record))
@@ -175,7 +258,7 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
     return record
 
 
-OPTIONS = "--from, --to, --format, --quantize, --seq_len, --verify, --repeats"
+OPTIONS = "--from, --to, --format, --quantize, --seq_len, --verify, --repeats, --equalize, --calibration"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -195,6 +278,10 @@ def parse_args(argv):
                    "(default min(128, max_position_embeddings)); the ONNX files accept any length")
     p.add_argument("--verify", action="store_true", help="run every file in its runtime and compare with JAX")
     p.add_argument("--repeats", type=int, default=10, help="timed forward passes per runtime with --verify")
+    p.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="residual-equalise the int8 file (default: for NoNorm models; --no-equalize turns it off)")
+    p.add_argument("--calibration", type=int, default=CALIBRATION,
+                   help=f"sequences the equalisation scales are calibrated on (default {CALIBRATION})")
     args = p.parse_args(argv)
     args.formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in args.formats if f not in FORMATS]
@@ -207,6 +294,10 @@ def parse_args(argv):
         raise ExportError(f"--quantize={args.quantize} quantises the ONNX file: add onnx to --format")
     if args.repeats < 1:
         raise ExportError(f"--repeats={args.repeats}; must be >= 1")
+    if not 1 <= args.calibration <= MAX_CALIBRATION:
+        raise ExportError(f"--calibration={args.calibration}; valid: 1..{MAX_CALIBRATION} sequences")
+    if args.equalize and args.quantize == "none":
+        raise ExportError("--equalize rescales the int8 file: add --quantize=dynamic (and onnx to --format)")
     if args.seq_len is not None and args.seq_len < 2:  # the upper bound is the model's, checked once it is loaded
         raise ExportError(f"--seq_len={args.seq_len}; valid: 2..the model's max_position_embeddings (default "
                           f"min(128, max_position_embeddings))")
@@ -264,18 +355,22 @@ def run(argv=None) -> int:
         seq_len = args.seq_len if args.seq_len is not None else min(128, max_len)
         if not 2 <= seq_len <= max_len:
             raise ExportError(f"--seq_len={seq_len}; valid: 2..{max_len} (the model's max_position_embeddings)")
+        resolve_equalize(src.model.encoder.cfg, args.quantize, args.equalize)  # a refusal before anything is written
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # a normal directory once renamed (mkdtemp makes it private)
-        record = export(src, tmp, args.formats, args.quantize, seq_len, args.verify, args.repeats)
+        record = export(src, tmp, args.formats, args.quantize, seq_len, args.verify, args.repeats, args.equalize,
+                        args.calibration)
         check_out_dir(out)  # still new or empty: then the finished directory takes its place
         if os.path.isdir(out):
             os.rmdir(out)
         os.rename(tmp, out)
         tmp = None
-        print(f"exported {', '.join(record['files'])} to {out}{_verified_line(record)}")
+        eq = record.get("equalization") or {}
+        note = f" (int8 residual-equalised, s up to {eq['scale_max']:g})" if eq.get("applied") else ""
+        print(f"exported {', '.join(record['files'])} to {out}{note}{_verified_line(record)}")
         return 0
     except (ExportError, CheckpointError, ConfigError, ConversionError, DataError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr, flush=True)

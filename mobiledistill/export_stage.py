@@ -2,7 +2,9 @@
 accuracy of every file next to the JAX model's, on the same rows.
 
     c.kind = 'export'; c.formats = 'hf,onnx'; c.quantize = 'none' | 'dynamic'; c.seq_len (0 = min(128, max
-    positions)); c.verify; c.repeats (timed runs per runtime); c.eval_rows (dev rows scored per file, 0 = all)
+    positions)); c.verify; c.repeats (timed runs per runtime); c.eval_rows (dev rows scored per file, 0 = all);
+    c.equalize (True: the int8 file of a NoNorm model is residual-equalised, as the CLI's default; False: never);
+    c.calibration (sequences the equalisation scales are calibrated on)
 
 The files are written by `mobiledistill.export` into a temporary sibling and renamed into place (a killed export
 leaves nothing half-written); `stage.json` (sizes, latency, accuracies) marks the stage finished.
@@ -38,6 +40,8 @@ def export_config() -> ml_collections.ConfigDict:
     c.repeats = 10
     c.eval_rows = 0
     c.eval_batch = 32
+    c.equalize = True  # where it is exact (NoNorm) and there is an int8 file; see mobiledistill.quantize
+    c.calibration = export.CALIBRATION
     return c
 
 
@@ -59,6 +63,10 @@ def check(c) -> list[str]:
         raise ConfigError(f"quantize={c.quantize!r}; valid: {', '.join(export.QUANTIZE)}")
     if c.quantize != "none" and "onnx" not in formats:
         raise ConfigError(f"quantize={c.quantize!r} quantises the ONNX file: add onnx to formats")
+    if not isinstance(c.get("equalize", True), bool):
+        raise ConfigError(f"equalize={c.equalize!r}; valid: True, False")
+    if not 1 <= int(c.get("calibration", export.CALIBRATION)) <= export.MAX_CALIBRATION:
+        raise ConfigError(f"calibration={c.calibration!r}; valid: 1..{export.MAX_CALIBRATION} sequences")
     export.check_runtimes(formats)
     return formats
 
@@ -78,7 +86,9 @@ def _write_files(c, src, directory: epath.Path) -> dict:
     tmp = tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=str(parent))
     try:
         os.chmod(tmp, 0o755)
-        record = export.export(src, tmp, formats, c.quantize, seq_len, bool(c.verify), int(c.repeats))
+        record = export.export(src, tmp, formats, c.quantize, seq_len, bool(c.verify), int(c.repeats),
+                               None if c.get("equalize", True) else False,
+                               int(c.get("calibration", export.CALIBRATION)))
         if directory.exists():
             shutil.rmtree(str(directory))  # an empty or partial directory of a killed run: nothing finished there
         os.rename(tmp, str(directory))

@@ -140,21 +140,37 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def verify_inputs(src: Source, seq_len: int, batch: int = 8):
+    """The held-out (ids, mask, types) every file is compared on."""
+    return random_inputs(src.model.encoder.cfg, batch, seq_len)
+
+
+def onnx_file_errors(src: Source, path: str, ref: dict, inputs, hidden_scale=None) -> dict:
+    """An ONNX file against the JAX outputs `ref` on `inputs`; a residual-equalised file's `last_hidden_state`
+    (h / s) is multiplied by `hidden_scale` (s) first, so errors are in the original basis."""
+    ids, mask, types = inputs
+    got = onnx_outputs(_ort_session(path), ids, mask, types)
+    if hidden_scale is not None:
+        got[HIDDEN] = got[HIDDEN] * np.asarray(hidden_scale, np.float32)
+    return _summary(compare(src.kind, got, ref, mask))
+
+
 def verify(src: Source, hf_dir: str, onnx_files: dict[str, str], seq_len: int, hf_written: bool = True,
-           batch: int = 8, repeats: int = 10) -> dict:
+           batch: int = 8, repeats: int = 10, hidden_scales: dict | None = None) -> dict:
     """Each written file in its own runtime against the JAX model; raises VerifyError when an fp32 file is off.
 
+    `hidden_scales` ({label: s}) names the ONNX files whose `last_hidden_state` is residual-equalised (h / s).
     The PyTorch eager latency baseline uses the transformers model even when only ONNX was asked for."""
-    ids, mask, types = random_inputs(src.model.encoder.cfg, batch, seq_len)
+    ids, mask, types = inputs = verify_inputs(src, seq_len, batch)
     ref = jax_outputs(src, ids, mask, types)
     results = {"inputs": f"{batch} random token sequences x {seq_len} (rows 2.. padded), two segments", "files": {}}
     if hf_written:
         results["files"]["hf"] = {"runtime": "transformers (PyTorch eager)", "precision": "fp32", **_summary(
             compare(src.kind, transformers_outputs(src, hf_dir, ids, mask, types), ref, mask))}
     for label, path in onnx_files.items():
-        got = onnx_outputs(_ort_session(path), ids, mask, types)
+        scale = (hidden_scales or {}).get(label)
         results["files"][os.path.basename(path)] = {"runtime": "onnxruntime", "precision": label,
-                                                    **_summary(compare(src.kind, got, ref, mask))}
+                                                    **onnx_file_errors(src, path, ref, inputs, scale)}
     for name, r in results["files"].items():
         if r["precision"] == "fp32" and r["max_rel_err"] > FP32_TOL:
             raise VerifyError(f"{name}: max relative error {r['max_rel_err']:.3g} vs the JAX model exceeds "

@@ -109,3 +109,38 @@ def random_inputs(cfg, batch: int, seq_len: int, seed: int = 0) -> tuple[np.ndar
         n = max(2, seq_len - 1 - (5 * b) % max(1, seq_len // 2))
         mask[b, n:], ids[b, n:], types[b, n:] = 0, cfg.pad_token_id, 0
     return ids, mask, types
+
+
+def equalized_int8(src: Source, int8_path: str, scratch: str, seq_len: int, calibration: int,
+                   alpha: float | None = None) -> dict:
+    """The residual-equalised dynamic int8 ONNX file (`mobiledistill.quantize`): calibrate the per-channel scales s
+    on `calibration` sequences, rescale a copy of the model (the fp32 files stay the original), export it to ONNX in
+    `scratch` and quantise it into `int8_path`. Its task outputs are the model's; its `last_hidden_state` is h / s.
+
+    Returns the export.json record of the equalisation (scales included); raises RuntimeError if the rescaled
+    float32 model does not reproduce the original's task outputs (it must, to rounding)."""
+    import dataclasses
+
+    from mobiledistill import convert, quantize
+    from mobiledistill.data import load_tokenizer
+
+    alpha = quantize.ALPHA if alpha is None else alpha
+    cfg = src.model.encoder.cfg
+    tok = load_tokenizer(src.tokenizer)
+    batches = quantize.calibration_inputs(cfg, calibration, seq_len, cls_id=tok.cls_id, sep_id=tok.sep_id)
+    ranges = quantize.residual_channel_ranges(src.model, batches)
+    s = quantize.scales_from_ranges(ranges, quantize.reader_row_ranges(src.model), alpha)
+    model = quantize.equalize_residual(src.model, s)
+    ids, mask, types = batches[0]
+    before, after = src.model(ids, types, mask), model(ids, types, mask)
+    for a, b in zip(before[:-1], after[:-1]):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if np.max(np.abs(a - b)) > 1e-5 * max(float(np.max(np.abs(a))), 1e-30):
+            raise RuntimeError("the residual-equalised model does not reproduce the original's outputs")
+    eq_src = dataclasses.replace(src, model=model)
+    hf_dir = os.path.join(scratch, "hf_equalized")
+    convert.save_hf(model, hf_dir, label_names=src.label_names)
+    fp32 = os.path.join(scratch, "model.equalized.onnx")
+    write_onnx(eq_src, hf_dir, fp32, seq_len)
+    quantize_onnx(fp32, int8_path, scratch)
+    return {**quantize.summary(s, ranges, alpha, calibration), "scales": [float(x) for x in s]}
