@@ -41,14 +41,8 @@ def _resolve(stage: RecipeStage, stages: dict[str, RecipeStage], workdir: epath.
         c.source = recipe_plan.source_path(stage.init_from, stages, workdir)
         return c
     with c.unlocked():
-        if stage.init_from:
-            c.init = recipe_plan.init_field(stage.init_from, stages, workdir)
-        if stage.teacher_from:
-            teacher = f"finetune:{workdir / stage.teacher_from}"
-            if c.get("ptp") is not None and not c.ptp.teacher:
-                c.ptp.teacher = teacher
-            else:
-                c.distill.teacher = teacher
+        init = recipe_plan.init_field(stage.init_from, stages, workdir) if stage.init_from else None
+        recipe_plan.write_inputs(c, stage, init, f"finetune:{workdir / stage.teacher_from}")
         if stage.auto_patience:
             from mobiledistill.peakd_recipe import patience_for
 

@@ -117,6 +117,18 @@ def _check_inputs(stage: RecipeStage, earlier: list[RecipeStage]) -> None:
                               f"('pipeline/stage') or a Pea-KD PTP stage; use {head!r} as teacher_from instead")
 
 
+def write_inputs(c, stage: RecipeStage, init: str | None, teacher: str | None) -> None:
+    """Writes a finetune section's resolved inputs into its own fields (`c` unlocked): `init`, and the teacher into
+    `ptp.teacher` for a PTP stage that has none, else into `distill.teacher`."""
+    if stage.init_from:
+        c.init = init
+    if stage.teacher_from:
+        if c.get("ptp") is not None and not c.ptp.teacher:
+            c.ptp.teacher = teacher
+        else:
+            c.distill.teacher = teacher
+
+
 def init_field(ref: str, stages: dict[str, RecipeStage], workdir: epath.Path) -> str:
     """A finetune section's `init` for the reference `ref`: stage:<dir> of a pipeline stage, ptp:<run> of a PTP
     stage."""
@@ -140,8 +152,7 @@ def _encoder_config(c, ref_cfg):
     """The encoder config a finetune section would train (without reading any weights)."""
     from mobiledistill import convert
     from mobiledistill import config as config_lib
-    from mobiledistill.finetune import COPY_SETTABLE, model_overrides, truncated
-    from mobiledistill.models import preset
+    from mobiledistill.finetune import COPY_SETTABLE, model_overrides, preset_config, truncated
     from mobiledistill.strategies.peakd import paired_plan, top_layers_plan
 
     kind, _, rest = c.init.partition(":")
@@ -171,12 +182,7 @@ def _encoder_config(c, ref_cfg):
         info = read_model_json(path.parent if path.name.startswith("seed_") else path)
         cfg = info["encoder"]
     else:
-        over = model_overrides(c)
-        over.pop("dtype", None)
-        try:
-            cfg = preset(rest, **over, dtype=dtype)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        cfg = preset_config(c, rest, dtype)
     if c.get("sps") and cfg.layer_plan is None:
         n = cfg.num_hidden_layers
         cfg = cfg.replace(layer_plan=paired_plan(n) if c.sps == "paired" else top_layers_plan(n, min(3, n)))
@@ -213,14 +219,7 @@ def describe_finetune(stage: RecipeStage, stages: dict[str, RecipeStage], num_de
 
     c = ml_collections.ConfigDict(stage.config.to_dict())
     with c.unlocked():  # placeholders of the right form: the paths exist once the earlier stages have run
-        if stage.init_from:
-            c.init = f"stage:<workdir>/{stage.init_from}"
-        if stage.teacher_from:
-            teacher = f"finetune:<workdir>/{stage.teacher_from}"
-            if c.get("ptp") is not None and not c.ptp.teacher:
-                c.ptp.teacher = teacher
-            else:
-                c.distill.teacher = teacher
+        write_inputs(c, stage, f"stage:<workdir>/{stage.init_from}", f"finetune:<workdir>/{stage.teacher_from}")
     finetune.validate(c)
     cfg = _encoder_config(c, _ref_model(stage.init_from, stages))
     kind, num_labels = task_plan.task_shape(c)

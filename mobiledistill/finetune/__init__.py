@@ -72,6 +72,7 @@ from mobiledistill.finetune.sources import (
     load_teacher,
     model_overrides,
     new_task_model,
+    preset_config,
     read_model_json,
     truncated,
 )
@@ -113,7 +114,7 @@ __all__ = [
     "parse_arg",
     "predict_arrays",
     "prepare",
-    "read_model_json",
+    "preset_config", "read_model_json",
     "resolve_tokenizer",
     "run",
     "run_label",

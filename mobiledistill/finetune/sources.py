@@ -137,14 +137,17 @@ def encoder_source(c, dtype: str) -> EncoderSource:
         params = nnx.from_flat_state({tuple(int(q) if q.isdigit() else q for q in k.split("/")): v
                                       for k, v in best.items()})
         return EncoderSource(cfg, params, info["tokenizer"], f"Pea-KD PTP encoder of {run_dir}")
-    name = rest
+    return EncoderSource(preset_config(c, rest, dtype), None, "", f"preset {rest} (random init)")
+
+
+def preset_config(c, name: str, dtype: str) -> EncoderConfig:
+    """The encoder config of `init=preset:<name>` with the section's `model.*` overrides."""
     over = _model_overrides(c)
     over.pop("dtype", None)
     try:
-        cfg = preset(name, **over, dtype=dtype)
+        return preset(name, **over, dtype=dtype)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return EncoderSource(cfg, None, "", f"preset {name} (random init)")
 
 
 @dataclasses.dataclass
