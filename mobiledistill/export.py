@@ -26,7 +26,8 @@ off with --no-equalize; --equalize on a LayerNorm model is refused): per-tensor 
 residual stream whose few outlier channels are ~1000x the rest, so the int8 file is made from a copy of the model
 whose residual stream is h / s, with power-of-two per-channel scales s calibrated on --calibration random [CLS] ...
 [SEP] sequences (default 64). The change of basis is exact in float32 (NoNorm is per-channel affine), costs nothing at
-run time, and leaves ordinary channels alone (s = 1 below the median range), so it is the default where it applies.
+run time, and leaves ordinary channels alone (s = 1 unless a channel's range stands out; a model without outliers
+gets s = 1 everywhere, the plain int8 file), so it is the default where it applies.
 Its task outputs are the model's; its `last_hidden_state` is h / s (s is in export.json, `equalization.scales`;
 --verify multiplies it back before comparing, and also reports the plain int8 file's errors for comparison). The
 fp32 files (hf/, model.onnx) are always the original model.
@@ -369,7 +370,8 @@ def run(argv=None) -> int:
         os.rename(tmp, out)
         tmp = None
         eq = record.get("equalization") or {}
-        note = f" (int8 residual-equalised, s up to {eq['scale_max']:g})" if eq.get("applied") else ""
+        note = (f" (int8 residual-equalised: {eq['channels_rescaled']}/{eq['channels']} channels rescaled, s up to "
+                f"{eq['scale_max']:g})" if eq.get("applied") else "")
         print(f"exported {', '.join(record['files'])} to {out}{note}{_verified_line(record)}")
         return 0
     except (ExportError, CheckpointError, ConfigError, ConversionError, DataError) as e:

@@ -268,7 +268,7 @@ def test_cli_equalize_flags(tmp_path, capsys):
     out = tmp_path / "eq"
     assert export.run([f"--from={run}", f"--to={out}", "--format=onnx", "--quantize=dynamic", "--seq_len=16",
                        "--calibration=8"]) == 0
-    assert "int8 residual-equalised, s up to" in capsys.readouterr().out
+    assert "(int8 residual-equalised: " in capsys.readouterr().out
     eq = json.loads((out / "export.json").read_text())["equalization"]
     assert eq["applied"] and eq["calibration_sequences"] == 8 and "int8_without_equalization" not in eq
     out = tmp_path / "plain"
