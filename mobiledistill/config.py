@@ -19,7 +19,8 @@ PKT_LOSS_NORMALIZERS = ("mean", "num_layers", "stage")
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(EncoderConfig) if f.name not in ("layer_plan", "dtype"))
 
 
-def _field_type(name: str):
+def model_field_type(name: str):
+    """The type of an EncoderConfig field, for typed placeholders of config model sections."""
     default = EncoderConfig.__dataclass_fields__[name].default
     return str if name == "attention_mask_value" else type(default)
 
@@ -27,7 +28,7 @@ def _field_type(name: str):
 def _model(preset_name: str) -> ml_collections.ConfigDict:
     """A model section: the preset's name plus typed, unset (None) fields that override the preset when set."""
     return ml_collections.ConfigDict({"preset": preset_name,
-                                      **{k: config_dict.placeholder(_field_type(k)) for k in MODEL_FIELDS}})
+                                      **{k: config_dict.placeholder(model_field_type(k)) for k in MODEL_FIELDS}})
 
 
 def pretraining_config() -> ml_collections.ConfigDict:

@@ -9,10 +9,9 @@ import ml_collections
 from ml_collections import config_dict
 
 from mobiledistill import evaluate
-from mobiledistill.config import MODEL_FIELDS, ConfigError
+from mobiledistill.config import MODEL_FIELDS, ConfigError, model_field_type
 from mobiledistill.data import CUSTOM, DataError, glue_task
 from mobiledistill.losses.registry import LOSS_REGISTRY
-from mobiledistill.models import EncoderConfig
 
 SQUAD = "squad"
 
@@ -27,7 +26,7 @@ def finetune_config() -> ml_collections.ConfigDict:
     c.init = ""  # required: 'hf:<dir>', 'stage:<workdir>/<stage>', 'preset:<name>'
     # Encoder fields: with a preset they override it; with hf/stage inits only num_hidden_layers (keep the first n
     # layers), the dropout rates, classifier_pooling ('cls' | 'mean') and dtype may be set.
-    c.model = ml_collections.ConfigDict({k: config_dict.placeholder(_field_type(k)) for k in MODEL_FIELDS})
+    c.model = ml_collections.ConfigDict({k: config_dict.placeholder(model_field_type(k)) for k in MODEL_FIELDS})
     c.model.dtype = "float32"
     c.tokenizer = ""  # '' = the init's (or teacher's) own; a vocab.txt / tokenizer.json / directory; 'train'
     c.tokenizer_vocab_size = 8000  # with tokenizer='train': WordPiece trained on the task's training texts
@@ -77,11 +76,6 @@ def finetune_config() -> ml_collections.ConfigDict:
     c.distill.extra_losses = ml_collections.ConfigDict()  # registry spec {term: {weight, [loss], **params}}
     c.distill.cache_teacher_logits = True
     return c
-
-
-def _field_type(name: str):
-    default = EncoderConfig.__dataclass_fields__[name].default
-    return str if name == "attention_mask_value" else type(default)
 
 
 ARG_KEYS = ("task", "init", "teacher", "tokenizer", "seeds", "epochs", "tiny")
