@@ -1,8 +1,8 @@
 """The export stage of a recipe (mobiledistill.engine): a finished model -> deployable files, and the labelled dev
 accuracy of every file next to the JAX model's, on the same rows.
 
-    c.kind = 'export'; c.formats = 'hf,onnx'; c.quantize = 'none' | 'dynamic'; c.seq_len (0 = min(128, max
-    positions)); c.verify; c.repeats (timed runs per runtime); c.eval_rows (dev rows scored per file, 0 = all);
+    c.kind = 'export'; c.formats = 'hf,onnx'; c.quantize = 'none' | 'dynamic'; c.seq_len (0 = the fine-tuned
+    source's sequence length, else min(128, max positions)); c.verify; c.repeats (timed runs per runtime); c.eval_rows (dev rows scored per file, 0 = all);
     c.equalize (True: the int8 file of a NoNorm model is residual-equalised, as the CLI's default; False: never);
     c.calibration (sequences the equalisation scales are calibrated on)
 
@@ -71,14 +71,14 @@ def check(c) -> list[str]:
     return formats
 
 
-def _write_files(c, src, directory: epath.Path) -> dict:
+def _write_files(c, src, directory: epath.Path, default_len: int = 0) -> dict:
     """The export record; the files are written once (a finished export directory is only read)."""
     record_path = directory / "export.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
     formats = check(c)
     max_len = src.model.encoder.cfg.max_position_embeddings
-    seq_len = int(c.seq_len) or min(128, max_len)
+    seq_len = int(c.seq_len) or default_len or min(128, max_len)
     if not 2 <= seq_len <= max_len:
         raise ConfigError(f"seq_len={seq_len}; valid: 2..{max_len} (the model's max_position_embeddings)")
     parent = directory.parent
@@ -150,7 +150,7 @@ def run(c, directory: epath.Path, source_config=None) -> dict:
     t0 = time.perf_counter()
     directory = epath.Path(directory)
     src = export.load_source(c.source)
-    record = _write_files(c, src, directory)
+    record = _write_files(c, src, directory, source_config.data.max_seq_length if source_config else 0)
     print(f"exported {', '.join(record['files'])} from {src.description} to {directory}", flush=True)
     summary = {"source": c.source, "kind": src.kind, "parameters": record["parameters"],
                "files": {k: v["bytes"] for k, v in record["files"].items()}}
