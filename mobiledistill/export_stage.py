@@ -2,7 +2,8 @@
 accuracy of every file next to the JAX model's, on the same rows.
 
     c.kind = 'export'; c.formats = 'hf,onnx'; c.quantize = 'none' | 'dynamic'; c.seq_len (0 = the fine-tuned
-    source's sequence length, else min(128, max positions)); c.verify; c.repeats (timed runs per runtime); c.eval_rows (dev rows scored per file, 0 = all);
+    source's sequence length, else min(128, max positions)); c.verify; c.repeats (timed runs per runtime);
+    c.eval_rows (dev rows scored per file, 0 = all);
     c.equalize (True: the int8 file of a NoNorm model is residual-equalised, as the CLI's default; False: never);
     c.calibration (sequences the equalisation scales are calibrated on)
 
