@@ -286,7 +286,8 @@ def test_end_to_end_recipe_tiny_teacher_to_exported_int8_model(tmp_path):
     assert "recipe stage 1/5: pretrain (pretrain): finished earlier, skipped" in r.stdout
     report = open(os.path.join(work, "report.md")).read()
     for text in ("teacher (pre-trained)", "student, distilled (PD)", "student from scratch", "teacher_task: fine-tuned",
-                 "student_task: fine-tuned", "student_kd: task KD from teacher_task", "ONNX dynamic int8 (`model.int8.onnx`)",
+                 "student_task: fine-tuned", "student_kd: task KD from teacher_task",
+                 "ONNX dynamic int8 (`model.int8.onnx`)",
                  "ONNX fp32 (`model.onnx`)", "JAX jit fp32", "MB"):
         assert text in report, report
     stage = json.load(open(os.path.join(work, "export", "stage.json")))
@@ -294,6 +295,7 @@ def test_end_to_end_recipe_tiny_teacher_to_exported_int8_model(tmp_path):
     jax_acc = stage["dev"]["jax_fp32"]["validation"]["accuracy"]
     assert abs(stage["dev"]["model.onnx"]["validation"]["accuracy"] - jax_acc) < 1e-6  # fp32 file == JAX
     assert stage["files"]["model.int8.onnx"] < stage["files"]["model.onnx"]
+    assert stage["seq_len"] == 32  # timed at the fine-tuned student's length
     assert os.path.exists(os.path.join(work, "export", "hf", "model.safetensors"))
     again = main(args, work)
     assert again.returncode == 0 and "nothing to do: all 5 recipe stages" in again.stdout
