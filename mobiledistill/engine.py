@@ -42,7 +42,8 @@ def _resolve(stage: RecipeStage, stages: dict[str, RecipeStage], workdir: epath.
         return c
     with c.unlocked():
         init = recipe_plan.init_field(stage.init_from, stages, workdir) if stage.init_from else None
-        recipe_plan.write_inputs(c, stage, init, f"finetune:{workdir / stage.teacher_from}")
+        teacher = f"finetune:{workdir / stage.teacher_from}" if stage.teacher_from else None
+        recipe_plan.write_inputs(c, stage, init, teacher)
         if stage.auto_patience:
             from mobiledistill.peakd_recipe import patience_for
 

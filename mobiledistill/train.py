@@ -192,6 +192,46 @@ def save_or_preempt(checkpoints, step: int, params, opt_state, data, save: bool,
     return True
 
 
+@dataclasses.dataclass
+class Loop:
+    """What one stage's training loop needs besides its step and state (see `fit`)."""
+
+    checkpoints: Any
+    log: Any
+    sigterm: Any
+    what: str  # 'stage pd', 'seed 0': names the stage in errors
+    nonfinite: str  # 'stop' | 'skip'
+    hint: str  # what to try after a non-finite loss
+    should_log: Any  # (done, is_checkpoint) -> bool
+    checkpoint_at: Any  # done -> bool (before the last step)
+    after_step: Any = None  # (done, params) -> None, before the step's checkpoint (epoch-end evaluation)
+    saved: Any = None  # (done, params) -> what the checkpoint holds (default: params)
+    fault_name: str = ""  # the stage's name in MOBILEDISTILL_FAULT=kill:<name>:<step> (tests)
+
+
+def fit(jit_step, params, opt_state, teacher_params, data, key, start: int, total: int, loop: Loop):
+    """The training loop of every stage, pre-training and task stages alike: step `start`..`total` with the step's
+    own key, the non-finite guard, progress lines, periodic checkpoints, SIGTERM (save, exit 3) and the kill hook."""
+    fault = os.environ.get(FAULT_ENV, "")
+    last_good = start
+    for step in range(start, total):
+        params, opt_state, metrics = jit_step(params, opt_state, teacher_params, next(data),
+                                              jax.random.fold_in(key, step))
+        done = step + 1
+        is_ckpt = loop.checkpoint_at(done) and done < total
+        if loop.should_log(done, is_ckpt) or loop.sigterm.raised:
+            log_metrics(loop.log, done, metrics, loop.nonfinite, loop.what, last_good, loop.hint)
+        if loop.after_step is not None:
+            loop.after_step(done, params)
+        saved = params if loop.saved is None else loop.saved(done, params)
+        if save_or_preempt(loop.checkpoints, done, saved, opt_state, data, is_ckpt, loop.sigterm, loop.what):
+            last_good = done
+        if loop.fault_name and fault == f"kill:{loop.fault_name}:{done}":
+            loop.checkpoints.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return params, opt_state
+
+
 def evaluate_mlm(ctx: RunContext, stage: Stage, graphdef, params, teacher) -> dict[str, float]:
     """Held-out MLM accuracy and the stage's losses over `train.eval_batches` fixed held-out batches."""
     teacher_graphdef, teacher_params = teacher
@@ -265,25 +305,15 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
     if init_report and not start:
         log.event("initialised from the teacher: " + ", ".join(f"{k} {v}" for k, v in init_report.items()))
     base_key = jax.random.key(ctx.stage_seed(stage))
-    fault = os.environ.get(FAULT_ENV, "")
-    last_good = start
     t0 = time.perf_counter()
+    every = c.train.checkpoint_every
+    loop = Loop(checkpoints, log, ctx.sigterm, f"stage {stage.name}", c.train.nonfinite, "lower the learning rate",
+                should_log=lambda done, is_ckpt: done % c.train.log_every == 0 or done == stage.steps or is_ckpt,
+                checkpoint_at=lambda done: done % every == 0,
+                saved=lambda done, p: projection.drop(p) if done == stage.steps else p,  # the final one: the student
+                fault_name=stage.name)
     try:
-        for step in range(start, stage.steps):
-            batch = next(data)
-            params, opt_state, metrics = jit_step(params, opt_state, teacher[1], batch,
-                                                  jax.random.fold_in(base_key, step))
-            done = step + 1
-            is_ckpt = done % c.train.checkpoint_every == 0 and done < stage.steps
-            if done % c.train.log_every == 0 or done == stage.steps or is_ckpt or ctx.sigterm.raised:
-                log_metrics(log, done, metrics, c.train.nonfinite, f"stage {stage.name}", last_good,
-                            "lower the learning rate")
-            saved = projection.drop(params) if done == stage.steps else params  # the final one: the student alone
-            if save_or_preempt(checkpoints, done, saved, opt_state, data, is_ckpt, ctx.sigterm, f"stage {stage.name}"):
-                last_good = done
-            if fault == f"kill:{stage.name}:{done}":
-                checkpoints.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
+        params, opt_state = fit(jit_step, params, opt_state, teacher[1], data, base_key, start, stage.steps, loop)
         params = projection.drop(params)  # the stage's projections end here
         if start < stage.steps or checkpoints.latest_step() is None:  # else: killed after its final save
             checkpoints.save(stage.steps, params, opt_state, data.get_state())

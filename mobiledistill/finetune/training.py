@@ -23,7 +23,7 @@ from mobiledistill.metrics import StageMetrics
 from mobiledistill.models import forward_flops
 from mobiledistill.optim import OptimizerConfig
 from mobiledistill.strategies.stage import Stage
-from mobiledistill.train import log_metrics, save_or_preempt
+from mobiledistill.train import Loop, fit
 
 
 def _keep_best_encoder(ctx: Context, run_dir: epath.Path, params, metrics: Mapping[str, Mapping[str, float]],
@@ -165,25 +165,23 @@ def train_seed(ctx: Context, seed: int, index: int) -> dict:
     key = jax.random.key(seed)
     eval_log = run_dir / "eval.jsonl"
     t0 = time.perf_counter()
-    last_good = start
+
+    def epoch_end_eval(done_steps, params):
+        if done_steps % per_epoch or done_steps == total:
+            return
+        ev, _ = evaluate_params(ctx, graphdef, params)
+        log.event(f"epoch {done_steps // per_epoch}: {_eval_line(ev)}")
+        if c.get("ptp") is not None:
+            _keep_best_encoder(ctx, run_dir, params, ev, done_steps // per_epoch)
+        _append_jsonl(eval_log, {"step": done_steps, "epoch": done_steps // per_epoch, **_flat_metrics(ev)})
+
+    every = c.train.checkpoint_every
+    loop = Loop(checkpoints, log, ctx.sigterm, f"seed {seed}", c.train.nonfinite, "lower train.lr",
+                should_log=lambda done, _: done % c.train.log_every == 0 or done % per_epoch == 0,
+                checkpoint_at=lambda done: done % per_epoch == 0 or done % every == 0,
+                after_step=epoch_end_eval, fault_name=f"{ctx.workdir.name}/seed_{seed}")
     try:
-        for step in range(start, total):
-            params, opt_state, metrics = jit_step(params, opt_state, t_params, next(data),
-                                                  jax.random.fold_in(key, step))
-            done_steps = step + 1
-            epoch_end = done_steps % per_epoch == 0
-            is_ckpt = (epoch_end or done_steps % c.train.checkpoint_every == 0) and done_steps < total
-            if done_steps % c.train.log_every == 0 or epoch_end or ctx.sigterm.raised:
-                log_metrics(log, done_steps, metrics, c.train.nonfinite, f"seed {seed}", last_good, "lower train.lr")
-            if epoch_end and done_steps < total:
-                ev, _ = evaluate_params(ctx, graphdef, params)
-                log.event(f"epoch {done_steps // per_epoch}: {_eval_line(ev)}")
-                if c.get("ptp") is not None:
-                    _keep_best_encoder(ctx, run_dir, params, ev, done_steps // per_epoch)
-                _append_jsonl(eval_log, {"step": done_steps, "epoch": done_steps // per_epoch,
-                                         **_flat_metrics(ev)})
-            if save_or_preempt(checkpoints, done_steps, params, opt_state, data, is_ckpt, ctx.sigterm, f"seed {seed}"):
-                last_good = done_steps
+        params, opt_state = fit(jit_step, params, opt_state, t_params, data, key, start, total, loop)
         if checkpoints.latest_step() != total:
             checkpoints.save(total, params, opt_state, data.get_state())
         checkpoints.wait()
