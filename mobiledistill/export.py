@@ -340,6 +340,9 @@ def _verified_line(record: dict) -> str:
 
 def run(argv=None) -> int:
     """The CLI; returns the exit code."""
+    from mobiledistill.errors import one_line_stderr
+
+    one_line_stderr()
     from mobiledistill.checkpoint import CheckpointError
     from mobiledistill.config import ConfigError
     from mobiledistill.convert import ConversionError

@@ -88,6 +88,9 @@ def _parse(argv):
 
 
 def run():
+    from mobiledistill.errors import one_line_stderr
+
+    one_line_stderr()
     argv = _parse(sys.argv)
     logging.use_absl_handler()
     main(argv)
