@@ -10,7 +10,6 @@ import dataclasses
 import json
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -22,6 +21,7 @@ from mobiledistill import convert
 from mobiledistill.config import MODEL_FIELDS, ConfigError
 from mobiledistill.data import load_tokenizer
 from mobiledistill.finetune.config import SQUAD
+from mobiledistill.train import _as_state  # restored checkpoints -> State (one helper for every runner)
 from mobiledistill.models import EncoderConfig, PreTrainingModel, SequenceClassificationModel, SpanModel, preset
 
 
@@ -49,14 +49,6 @@ def copy_matching(dst: nnx.State, src: nnx.State, what: str) -> None:
             v.set_value(jnp.array(s.get_value() if hasattr(s, "get_value") else s))  # copy: donated by each seed
     if missing or shapes:
         raise ConfigError(f"{what} does not fit the task model's encoder: missing {missing[:4]}, shapes {shapes[:4]}")
-
-
-def _as_state(like: nnx.State, pure) -> nnx.State:
-    if isinstance(pure, nnx.State):
-        return pure
-    state = jax.tree.map(lambda x: x, like)
-    nnx.replace_by_pure_dict(state, pure)
-    return state
 
 
 def _model_overrides(c, allowed=None) -> dict:
