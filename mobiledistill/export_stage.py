@@ -1,8 +1,9 @@
 """The export stage of a recipe (mobiledistill.engine): a finished model -> deployable files, and the labelled dev
 accuracy of every file next to the JAX model's, on the same rows.
 
-    c.kind = 'export'; c.formats = 'hf,onnx'; c.quantize = 'none' | 'dynamic'; c.seq_len (0 = the fine-tuned
-    source's sequence length, else min(128, max positions)); c.verify; c.repeats (timed runs per runtime);
+    c.kind = 'export'; c.formats = 'hf,onnx' (a subset of hf,onnx,tflite); c.quantize = 'none' | 'dynamic';
+    c.seq_len (0 = the fine-tuned source's sequence length, else min(128, max positions); the LiteRT files take
+    exactly that many tokens); c.verify; c.repeats (timed runs per runtime);
     c.eval_rows (dev rows scored per file, 0 = all);
     c.equalize (True: the int8 file of a NoNorm model is residual-equalised, as the CLI's default; False: never);
     c.calibration (sequences the equalisation scales are calibrated on)
@@ -62,8 +63,8 @@ def check(c) -> list[str]:
         raise ConfigError(f"formats={c.formats!r}; valid: comma-separated {', '.join(export.FORMATS)}")
     if c.quantize not in export.QUANTIZE:
         raise ConfigError(f"quantize={c.quantize!r}; valid: {', '.join(export.QUANTIZE)}")
-    if c.quantize != "none" and "onnx" not in formats:
-        raise ConfigError(f"quantize={c.quantize!r} quantises the ONNX file: add onnx to formats")
+    if c.quantize != "none" and not {"onnx", "tflite"} & set(formats):
+        raise ConfigError(f"quantize={c.quantize!r} quantises the ONNX / LiteRT files: add onnx or tflite to formats")
     if not isinstance(c.get("equalize", True), bool):
         raise ConfigError(f"equalize={c.equalize!r}; valid: True, False")
     if not 1 <= int(c.get("calibration", export.CALIBRATION)) <= export.MAX_CALIBRATION:
@@ -114,6 +115,22 @@ def _onnx_predict(path: str, arrays, batch: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
+def _tflite_predict(path: str, arrays) -> dict[str, np.ndarray]:
+    """The task outputs of a LiteRT file (fixed [1, L] inputs: one row per call; shorter rows are padded to L and
+    their per-token outputs cut back)."""
+    from mobiledistill import export_tflite
+
+    runner = export_tflite.signature_runner(path)
+    length, width = export_tflite.seq_len_of(runner), arrays["input_ids"].shape[1]
+    if width > length:
+        raise ConfigError(f"{os.path.basename(path)} takes {length} tokens but the dev rows have {width}: export at "
+                          f"seq_len={width} (0 = the fine-tuned model's length)")
+    feed = [np.pad(np.asarray(arrays[k]), ((0, 0), (0, length - width))) for k in export.INPUTS]
+    names = set(export.OUTPUTS["span"] + export.OUTPUTS["classification"])
+    out = export_tflite.tflite_outputs(path, *feed, names=names, runner=runner)
+    return {k: v[:, :width] if v.ndim == 2 and k != "logits" else v for k, v in out.items()}
+
+
 def _limited(features, kind: str, rows: int):
     if not rows or kind == "span":
         return features
@@ -121,7 +138,7 @@ def _limited(features, kind: str, rows: int):
 
 
 def dev_accuracy(src_config, run_path: str, files: dict[str, str], rows: int, batch: int) -> dict:
-    """{model: {split: metrics}} for the JAX model of the run and each ONNX file, on the same dev rows."""
+    """{model: {split: metrics}} for the JAX model of the run and each ONNX / LiteRT file, on the same dev rows."""
     from mobiledistill import finetune, sharding, task_plan
 
     workdir, run_dir = finetune.finished_run_dir(epath.Path(run_path))
@@ -138,7 +155,8 @@ def dev_accuracy(src_config, run_path: str, files: dict[str, str], rows: int, ba
         arrays = features.arrays if t.kind == "span" else features
         runs = {"jax_fp32": finetune.predict_arrays(predict, t.params, arrays, batch, mesh)}
         for name, path in files.items():
-            runs[name] = _onnx_predict(path, arrays, batch)
+            runs[name] = _tflite_predict(path, arrays) if name.endswith(".tflite") else _onnx_predict(path, arrays,
+                                                                                                      batch)
         for name, outputs in runs.items():
             metrics, _, _ = finetune.score(src_config, t.kind, features, outputs, data.task)
             out[name][split] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -160,7 +178,7 @@ def run(c, directory: epath.Path, source_config=None) -> dict:
         summary["latency_ms_batch1"] = verify["latency_ms_batch1"]
         summary["seq_len"] = record["seq_len"]
         summary["max_rel_err"] = {k: v["max_rel_err"] for k, v in verify["files"].items()}
-    onnx_files = {n: str(directory / n) for n in record["files"] if n.endswith(".onnx")}
+    onnx_files = {n: str(directory / n) for n in record["files"] if n.endswith((".onnx", ".tflite"))}
     if source_config is not None and src.kind != "pretraining" and onnx_files:
         print(f"scoring {', '.join(['JAX fp32', *onnx_files])} on the dev split(s)", flush=True)
         summary["dev"] = dev_accuracy(source_config, c.source, onnx_files, int(c.eval_rows), int(c.eval_batch))

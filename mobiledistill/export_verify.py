@@ -110,7 +110,8 @@ def _median_ms(fn, repeats: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def latency(src: Source, hf_dir: str, onnx_files: dict[str, str], seq_len: int, repeats: int) -> dict[str, float]:
+def latency(src: Source, hf_dir: str, onnx_files: dict[str, str], seq_len: int, repeats: int,
+            tflite_files: dict[str, str] | None = None) -> dict[str, float]:
     """Median ms of one forward at batch 1 x seq_len in each runtime (same machine, same run: compare ratios)."""
     import jax
     import jax.numpy as jnp
@@ -130,6 +131,12 @@ def latency(src: Source, hf_dir: str, onnx_files: dict[str, str], seq_len: int, 
     for label, path in onnx_files.items():
         session = _ort_session(path)
         out[f"onnxruntime_{label}"] = _median_ms(lambda: onnx_outputs(session, ids, mask, types), repeats)
+    for label, path in (tflite_files or {}).items():
+        from mobiledistill import export_tflite
+        runner = export_tflite.signature_runner(path)
+        feed = {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
+                "token_type_ids": types.astype(np.int32)}
+        out[f"litert_{label}"] = _median_ms(lambda: runner(**feed), repeats)
     return out
 
 
@@ -156,10 +163,13 @@ def onnx_file_errors(src: Source, path: str, ref: dict, inputs, hidden_scale=Non
 
 
 def verify(src: Source, hf_dir: str, onnx_files: dict[str, str], seq_len: int, hf_written: bool = True,
-           batch: int = 8, repeats: int = 10, hidden_scales: dict | None = None) -> dict:
+           batch: int = 8, repeats: int = 10, hidden_scales: dict | None = None,
+           tflite_files: dict[str, str] | None = None) -> dict:
     """Each written file in its own runtime against the JAX model; raises VerifyError when an fp32 file is off.
 
-    `hidden_scales` ({label: s}) names the ONNX files whose `last_hidden_state` is residual-equalised (h / s).
+    `hidden_scales` ({label: s}) names the ONNX / LiteRT files whose `last_hidden_state` is residual-equalised
+    (h / s).
+    LiteRT files ({label: path}) take [1, seq_len] inputs and are fed the verify rows one at a time.
     The PyTorch eager latency baseline uses the transformers model even when only ONNX was asked for."""
     ids, mask, types = inputs = verify_inputs(src, seq_len, batch)
     ref = jax_outputs(src, ids, mask, types)
@@ -171,11 +181,18 @@ def verify(src: Source, hf_dir: str, onnx_files: dict[str, str], seq_len: int, h
         scale = (hidden_scales or {}).get(label)
         results["files"][os.path.basename(path)] = {"runtime": "onnxruntime", "precision": label,
                                                     **onnx_file_errors(src, path, ref, inputs, scale)}
+    for label, path in (tflite_files or {}).items():
+        from mobiledistill.export_tflite import tflite_outputs
+        got = tflite_outputs(path, ids, mask, types)
+        if (hidden_scales or {}).get(label) is not None:
+            got[HIDDEN] = got[HIDDEN] * np.asarray(hidden_scales[label], np.float32)
+        results["files"][os.path.basename(path)] = {"runtime": "LiteRT (ai-edge-litert)", "precision": label,
+                                                    **_summary(compare(src.kind, got, ref, mask))}
     for name, r in results["files"].items():
         if r["precision"] == "fp32" and r["max_rel_err"] > FP32_TOL:
             raise VerifyError(f"{name}: max relative error {r['max_rel_err']:.3g} vs the JAX model exceeds "
                               f"{FP32_TOL:g} (output {r['worst_output']})")
-    results["latency_ms_batch1"] = latency(src, hf_dir, onnx_files, seq_len, repeats)
+    results["latency_ms_batch1"] = latency(src, hf_dir, onnx_files, seq_len, repeats, tflite_files)
     results["machine"] = machine()
     return results
 

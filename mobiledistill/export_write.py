@@ -1,4 +1,5 @@
-"""Writing an export's files: the Hugging Face directory, the tokenizer, ONNX fp32 and ONNX dynamic int8."""
+"""Writing an export's files: the Hugging Face directory, the tokenizer, ONNX fp32 and ONNX dynamic int8 (LiteRT:
+export_tflite)."""
 
 from __future__ import annotations
 
@@ -111,17 +112,11 @@ def random_inputs(cfg, batch: int, seq_len: int, seed: int = 0) -> tuple[np.ndar
     return ids, mask, types
 
 
-def equalized_int8(src: Source, int8_path: str, scratch: str, seq_len: int, calibration: int,
-                   alpha: float | None = None) -> dict:
-    """The residual-equalised dynamic int8 ONNX file (`mobiledistill.quantize`): calibrate the per-channel scales s
-    on `calibration` sequences, rescale a copy of the model (the fp32 files stay the original), export it to ONNX in
-    `scratch` and quantise it into `int8_path`. Its task outputs are the model's; its `last_hidden_state` is h / s.
-
-    Returns the export.json record of the equalisation (scales included); raises RuntimeError if the rescaled
-    float32 model does not reproduce the original's task outputs (it must, to rounding)."""
-    import dataclasses
-
-    from mobiledistill import convert, quantize
+def equalized_model(src: Source, seq_len: int, calibration: int, alpha: float | None = None):
+    """(the residual-equalised copy of the model, the export.json record of the equalisation, scales included):
+    the per-channel scales s are calibrated on `calibration` sequences (`mobiledistill.quantize`). Raises
+    RuntimeError if the rescaled float32 model does not reproduce the original's task outputs (it must, to rounding)."""
+    from mobiledistill import quantize
     from mobiledistill.data import load_tokenizer
 
     alpha = quantize.ALPHA if alpha is None else alpha
@@ -137,10 +132,25 @@ def equalized_int8(src: Source, int8_path: str, scratch: str, seq_len: int, cali
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         if np.max(np.abs(a - b)) > 1e-5 * max(float(np.max(np.abs(a))), 1e-30):
             raise RuntimeError("the residual-equalised model does not reproduce the original's outputs")
+    return model, {**quantize.summary(s, ranges, alpha, calibration), "scales": [float(x) for x in s]}
+
+
+def equalized_int8(src: Source, int8_path: str, scratch: str, seq_len: int, calibration: int,
+                   alpha: float | None = None, equalized=None) -> dict:
+    """The residual-equalised dynamic int8 ONNX file: the copy of the model from `equalized_model` (or `equalized`,
+    its result, when already computed; the fp32 files stay the original) exported to ONNX in `scratch` and
+    quantised into `int8_path`. Its task outputs are the model's; its `last_hidden_state` is h / s.
+
+    Returns the export.json record of the equalisation (scales included)."""
+    import dataclasses
+
+    from mobiledistill import convert
+
+    model, record = equalized or equalized_model(src, seq_len, calibration, alpha)
     eq_src = dataclasses.replace(src, model=model)
     hf_dir = os.path.join(scratch, "hf_equalized")
     convert.save_hf(model, hf_dir, label_names=src.label_names)
     fp32 = os.path.join(scratch, "model.equalized.onnx")
     write_onnx(eq_src, hf_dir, fp32, seq_len)
     quantize_onnx(fp32, int8_path, scratch)
-    return {**quantize.summary(s, ranges, alpha, calibration), "scales": [float(x) for x in s]}
+    return record

@@ -94,11 +94,14 @@ def _export_rows(name: str, directory: epath.Path) -> list[dict]:
              "metric": "dev (same rows)", "value": acc("jax_fp32"), "latency": lat.get("jax_jit_fp32")}]
     runtime = {"model.onnx": ("onnxruntime_fp32", "ONNX fp32"),
                "model.int8.onnx": ("onnxruntime_int8_dynamic", "ONNX dynamic int8"),
+               "model.tflite": ("litert_fp32", "LiteRT fp32"),
+               "model.int8.tflite": ("litert_int8_dynamic", "LiteRT dynamic-range int8"),
                "hf/model.safetensors": ("pytorch_eager_fp32", "Hugging Face, PyTorch eager fp32")}
     for file, size in s.get("files", {}).items():
         key, label = runtime.get(file, (None, file))
+        scored = file.endswith((".onnx", ".tflite"))
         rows.append({"model": f"{name}: {label} (`{file}`)", "stage": name, "parameters": s["parameters"],
-                     "metric": "dev (same rows)", "value": acc(file) if file.endswith(".onnx") else "= JAX fp32",
+                     "metric": "dev (same rows)", "value": acc(file) if scored else "= JAX fp32",
                      "bytes": size, "latency": lat.get(key) if key else None})
     return rows
 

@@ -299,7 +299,7 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(sst2_run, stage_run, tmp_
         ([f"--from={stage_run}", f"--to={fresh}"], "pipeline workdir"),
         ([f"--from={stage_run}/pkt_01", f"--to={fresh}"], "has not finished"),
         ([f"--from={stage_run}/nope", f"--to={fresh}"], "no stage 'nope'"),
-        ([f"--from={sst2_run}", f"--to={fresh}", "--format=hf,tflite"], "unknown format 'tflite'"),
+        ([f"--from={sst2_run}", f"--to={fresh}", "--format=hf,tensorrt"], "unknown format 'tensorrt'"),
         ([f"--from={sst2_run}", f"--to={fresh}", "--quantize=int4"], "--quantize=int4; valid: none, dynamic"),
         ([f"--from={sst2_run}", f"--to={fresh}", "--format=hf", "--quantize=dynamic"], "add onnx"),
         ([f"--from={sst2_run}", f"--to={fresh}", "--seq_len=100000"], "--seq_len=100000; valid: 2.."),
