@@ -1,6 +1,7 @@
-"""A finished run -> deployable files: Hugging Face, ONNX and LiteRT (TFLite), fp32 and dynamic int8 (SPEC §13).
+"""A finished run -> deployable files: a Hugging Face directory, ONNX fp32 and ONNX dynamic int8 (SPEC §13).
 
-    python -m mobiledistill.export --from=RUN --to=OUT --format=hf,onnx,tflite --quantize=none|dynamic [--seq_len=L]
+    python -m mobiledistill.export --from=RUN --to=OUT --format=hf,onnx [--seq_len=L]
+        --quantize=none|dynamic|weight_only|int8
         [--verify] [--equalize | --no-equalize] [--calibration=N]
 
 RUN is a finished fine-tuning run (`WORKDIR` = its first finished seed, or `WORKDIR/seed_<s>`; classification,
@@ -12,20 +13,16 @@ OUT must not exist or be empty; it receives
     model.onnx          `torch.onnx.export` of the saved transformers model, one file, dynamic batch and sequence
     model.int8.onnx     onnxruntime `quantize_dynamic` (int8 weights, per-channel; int8 activations with a
                         per-tensor scale computed at run time) of model.onnx or, for NoNorm models, of the
-                        residual-equalised model (below)
-    model.tflite        LiteRT fp32: `jax2tf` (native serialisation) of the JAX model -> SavedModel ->
-                        TFLiteConverter, builtin ops only (runs in the plain `ai-edge-litert` interpreter); fixed
-                        int32 inputs [1, L] (a polymorphic batch does not lower to TFLite builtins), signature
-                        `serving_default` (export_tflite)
-    model.int8.tflite   the converter's dynamic-range int8 (Optimize.DEFAULT: int8 weights, activations quantised at
-                        run time) of the same function of the model or, for NoNorm models, of the equalised model
+                        residual-equalised model (below); weight_only: int8 weights, float activations; int8:
+                        static QDQ int8 (`export_int8`), activation scales from `quantize_static` calibration on
+                        --calibration sequences (equalised where that applies) or a QAT run's ranges (`c.qat`)
     model_card.md, export.json
 
-Every ONNX / LiteRT file also outputs `last_hidden_state`, so the int8 error can be measured per feature channel:
-NoNorm students grow a few channels in the thousands, and a whole-tensor error hides what per-tensor int8 does to the
-rest. `--verify` runs each file in its own runtime (transformers, onnxruntime, LiteRT row by row) on random padded
-token batches and compares with the JAX model: fp32 files must reach max relative error <= 1e-4 (else exit 1 and OUT
-is not written); int8 files report argmax agreement and per-channel error; latency is measured at batch 1 x L.
+Every ONNX file also outputs `last_hidden_state`, so the int8 error can be measured per feature channel: NoNorm
+students grow a few channels in the thousands, and a whole-tensor error hides what per-tensor int8 does to the rest.
+`--verify` runs each file in its own runtime (transformers, onnxruntime) on random padded token batches and compares
+with the JAX model: fp32 files must reach max relative error <= 1e-4 (else exit 1 and OUT is not written); int8 files
+report argmax agreement and per-channel error; latency is measured at batch 1 x L.
 
 Residual equalisation (`mobiledistill.quantize`, on by default for NoNorm models with --quantize=dynamic; turn it
 off with --no-equalize; --equalize on a LayerNorm model is refused): per-tensor int8 activations cannot represent a
@@ -36,7 +33,7 @@ run time, and leaves ordinary channels alone (s = 1 unless a channel's range sta
 gets s = 1 everywhere, the plain int8 file), so it is the default where it applies.
 Its task outputs are the model's; its `last_hidden_state` is h / s (s is in export.json, `equalization.scales`;
 --verify multiplies it back before comparing, and also reports the plain int8 file's errors for comparison). The
-fp32 files (hf/, model.onnx, model.tflite) are always the original model.
+fp32 files (hf/, model.onnx) are always the original model.
 Exit codes: 0 done, 1 verification failed, 2 bad input (one line on stderr; nothing is written or overwritten).
 """
 
@@ -75,7 +72,6 @@ from mobiledistill.export_write import (
     OUTPUTS,
     _hf_class,
     equalized_int8,
-    equalized_model,
     load_transformers,
     quantize_onnx,
     random_inputs,
@@ -83,28 +79,25 @@ from mobiledistill.export_write import (
     write_onnx,
     write_tokenizer,
 )
+from mobiledistill import export_int8
 from mobiledistill.quantize import CALIBRATION
 
 MAX_CALIBRATION = 100_000
 
 __all__ = [
-    "CALIBRATION", "EXTRA", "FORMATS", "FP32_TOL", "HIDDEN", "INPUTS", "MAX_CALIBRATION", "OPTIONS", "OUTPUTS",
-    "QUANTIZE", "RUNTIMES", "ExportError", "Source", "VerifyError", "agreement", "channel_errors", "check_out_dir",
-    "check_runtimes", "compare", "equalized_model", "export", "jax_outputs", "latency", "load_source",
-    "load_transformers", "machine", "model_card", "onnx_file_errors", "onnx_outputs", "parse_args", "quantize_onnx",
-    "random_inputs", "rel_err", "resolve_equalize", "run", "transformers_outputs", "verify", "verify_inputs",
-    "write_hf", "write_onnx", "write_tokenizer",
+    "CALIBRATION", "FORMATS", "FP32_TOL", "HIDDEN", "INPUTS", "MAX_CALIBRATION", "OPTIONS", "OUTPUTS", "QUANTIZE",
+    "RUNTIMES", "ExportError", "Source", "VerifyError", "agreement", "channel_errors", "check_out_dir",
+    "check_runtimes", "compare", "export", "jax_outputs", "latency", "load_source", "load_transformers", "machine",
+    "model_card", "onnx_file_errors", "onnx_outputs", "parse_args", "quantize_onnx", "random_inputs", "rel_err",
+    "resolve_equalize", "run", "transformers_outputs", "verify", "verify_inputs", "write_hf", "write_onnx",
+    "write_tokenizer",
 ]
 
-FORMATS = ("hf", "onnx", "tflite")
-QUANTIZE = ("none", "dynamic")
-# Runtimes each format needs (import name -> pip name); hf/onnx are in the `export` extra, tflite in `tflite` (both in
-# `test`). The hf directory is always written (the tokenizer), so every format needs transformers.
+FORMATS = ("hf", "onnx")
+QUANTIZE = ("none", "dynamic", "weight_only", "int8")
+# Runtimes each format needs (import name -> pip name); all are in the `export` extra (torch in `test`).
 RUNTIMES = {"hf": {"torch": "torch", "transformers": "transformers"},
-            "onnx": {"torch": "torch", "transformers": "transformers", "onnx": "onnx", "onnxruntime": "onnxruntime"},
-            "tflite": {"torch": "torch", "transformers": "transformers", "tensorflow": "tensorflow-cpu",
-                       "ai_edge_litert": "ai-edge-litert"}}
-EXTRA = {"tensorflow": "tflite", "ai_edge_litert": "tflite"}  # the setup.py extra of a runtime (else `export`)
+            "onnx": {"torch": "torch", "transformers": "transformers", "onnx": "onnx", "onnxruntime": "onnxruntime"}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,11 +118,7 @@ def model_card(src: Source, record: dict) -> str:
              f"- labels: {src.label_names or ('2 span logits (start, end)' if src.kind == 'span' else 'n/a')}",
              f"- tokenizer: WordPiece, {record['vocab_size']} tokens (`tokenizer/`, also in `hf/`)",
              f"- ONNX inputs: {', '.join(INPUTS)} (int64 [batch, sequence]); outputs: "
-             f"{', '.join(OUTPUTS[src.kind] + (HIDDEN,))}"]
-    if any(n.endswith(".tflite") for n in record["files"]):
-        lines.append(f"- LiteRT inputs: the same names, int32 [1, {record['seq_len']}] (one row per call; signature "
-                     "`serving_default`); the same outputs")
-    lines += ["", "## Files", "", "| file | format | size |",
+             f"{', '.join(OUTPUTS[src.kind] + (HIDDEN,))}", "", "## Files", "", "| file | format | size |",
              "|---|---|---|"]
     for name, f in record["files"].items():
         lines.append(f"| `{name}` | {f['format']} | {_mb(f['bytes'])} |")
@@ -170,7 +159,7 @@ def _equalization_lines(eq: dict | None) -> list[str]:
     if not eq["applied"]:
         return ["", "int8 residual equalisation: no (LayerNorm model, or --no-equalize)."]
     lines = ["", "## int8 residual equalisation", "",
-             f"The int8 files quantise a copy whose residual stream is h / s (exact in float32; `{HIDDEN}` of "
+             f"`model.int8.onnx` quantises a copy whose residual stream is h / s (exact in float32; `{HIDDEN}` of "
              f"that file is h / s, s = `equalization.scales` in export.json). s: powers of two from "
              f"{eq['scale_min']:g} to {eq['scale_max']:g}, {eq['channels_rescaled']}/{eq['channels']} channels "
              f"rescaled, calibrated on {eq['calibration_sequences']} random sequences (alpha {eq['alpha']:g}); "
@@ -182,7 +171,7 @@ def _equalization_lines(eq: dict | None) -> list[str]:
         lines += ["", f"The same int8 recipe without equalisation (not written): max rel. error "
                   f"{plain['max_rel_err']:.3g} ({plain['worst_output']}); `{HIDDEN}` worst channel {h['max']:.3g}, "
                   f"median channel {h['median']:.3g}, channels > 10% err {h['over_10pct']}/{h['channels']}; "
-                  "compare with the int8 file(s) below."]
+                  "compare with `model.int8.onnx` below."]
     return lines
 
 
@@ -196,11 +185,17 @@ def _versions() -> dict:
     return out
 
 
-def resolve_equalize(cfg, quantize: str, equalize: bool | None) -> bool:
-    """Whether the int8 file is residual-equalised: None = wherever it applies (NoNorm, int8); True insists."""
+def resolve_equalize(cfg, quantize: str, equalize: bool | None, qat: bool = False) -> bool:
+    """Whether the int8 file is residual-equalised: None = wherever it applies (NoNorm, int8 activations); True
+    insists. Never for weight_only (float activations) nor a QAT run's int8 (its ranges are the trained basis)."""
     from mobiledistill.quantize import EqualizeError, check_equalizable
 
     if equalize is False:
+        return False
+    if quantize == "weight_only" or (qat and quantize == "int8"):
+        if equalize:
+            raise ExportError("--equalize: " + ("--quantize=weight_only keeps the activations float" if not qat else
+                              "a QAT run's int8 file uses its trained ranges, in the trained model's basis"))
         return False
     if quantize == "none":
         if equalize:
@@ -223,16 +218,14 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
     LayerNorm model is refused), False never; `calibration`: sequences the scales are calibrated on."""
     from mobiledistill.models import count_params
 
-    equalize = resolve_equalize(src.model.encoder.cfg, quantize, equalize)
-    equalization = None
+    equalize = resolve_equalize(src.model.encoder.cfg, quantize, equalize, qat=src.qat is not None)
+    equalization = int8 = None
 
     scratch = tempfile.mkdtemp(prefix="scratch-", dir=out_dir)
     hf_dir = os.path.join(out_dir, "hf") if "hf" in formats else os.path.join(scratch, "hf")
     write_hf(src, hf_dir)
     write_tokenizer(src, os.path.join(out_dir, "tokenizer"))
-    files, onnx_files, tflite_files = {}, {}, {}
-    eq = equalized_model(src, seq_len, calibration) if equalize else None  # (model, record) for the int8 files
-    equalization = eq[1] if eq else None
+    files, onnx_files = {}, {}
     if "hf" in formats:
         files["hf/model.safetensors"] = {"format": "Hugging Face safetensors (fp32)"}
     if "onnx" in formats:
@@ -243,43 +236,46 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
             onnx_files["int8_dynamic"] = os.path.join(out_dir, "model.int8.onnx")
             fmt = "ONNX, onnxruntime dynamic int8 (per-channel weights)"
             if equalize:
-                equalized_int8(src, onnx_files["int8_dynamic"], scratch, seq_len, calibration, equalized=eq)
+                equalization = equalized_int8(src, onnx_files["int8_dynamic"], scratch, seq_len, calibration)
                 fmt += "; residual-equalised, last_hidden_state = h / s"
             else:
                 quantize_onnx(onnx_files["fp32"], onnx_files["int8_dynamic"], scratch)
             files["model.int8.onnx"] = {"format": fmt}
-    if "tflite" in formats:
-        from mobiledistill import export_tflite
-        tflite_files["fp32"] = os.path.join(out_dir, "model.tflite")
-        files["model.tflite"] = {"format": f"LiteRT flatbuffer (fp32), int32 inputs [1, {seq_len}]"}
-        if quantize == "dynamic":
-            tflite_files["int8_dynamic"] = os.path.join(out_dir, "model.int8.tflite")
-            files["model.int8.tflite"] = {"format": "LiteRT, dynamic-range int8 (per-channel weights)" + (
-                "; residual-equalised, last_hidden_state = h / s" if eq else "")}
-        export_tflite.write_tflite(src.model, src.kind, seq_len, scratch, tflite_files["fp32"],
-                                   tflite_files.get("int8_dynamic"), eq[0] if eq else None)
+        elif quantize in export_int8.MODES:  # weight_only, int8 (static: calibrated, or the QAT run's ranges)
+            label = export_int8.MODES[quantize]
+            onnx_files[label] = os.path.join(out_dir, "model.int8.onnx")
+            fmt, int8, eq_record = export_int8.write(src, quantize, onnx_files["fp32"], onnx_files[label], scratch,
+                                                     seq_len, calibration, equalize)
+            equalization = eq_record or equalization
+            files["model.int8.onnx"] = {"format": fmt}
     for name, f in files.items():
         f["bytes"] = os.path.getsize(os.path.join(out_dir, name))
     record = {"source": src.description, "kind": src.kind, "task": src.task, "labels": src.label_names,
               "seq_len": seq_len, "formats": formats, "quantize": quantize, "files": files,
               "parameters": count_params(src.model), "vocab_size": src.model.encoder.cfg.vocab_size,
               "hf_config": json.loads(open(os.path.join(hf_dir, "config.json")).read()), "versions": _versions()}
-    if tflite_files:
-        record["versions"].update(export_tflite.versions())
+    if int8:
+        record["int8"] = int8
     if quantize != "none":
         record["equalization"] = equalization or {"applied": False}
     if equalization:
         equalization["applied"] = True
     if do_verify:
-        scales = {"int8_dynamic": equalization["scales"]} if equalization else None
+        scales = {k: equalization["scales"] for k in ("int8_dynamic", "int8_static")} if equalization else None
         record["verify"] = verify(src, hf_dir, onnx_files, seq_len, "hf" in formats, repeats=repeats,
-                                  hidden_scales=scales, tflite_files=tflite_files)
-        if equalization and onnx_files:  # the same int8 recipe without equalisation, for comparison (not kept)
+                                  hidden_scales=scales)
+        if equalization:  # the same int8 recipe without equalisation, for comparison (not kept)
             plain = os.path.join(scratch, "model.int8.plain.onnx")
-            quantize_onnx(onnx_files["fp32"], plain, scratch)
+            if quantize == "dynamic":
+                quantize_onnx(onnx_files["fp32"], plain, scratch)
+            else:
+                plain = export_int8.plain_static(src, onnx_files["fp32"], scratch, seq_len, calibration)
             inputs = verify_inputs(src, seq_len)
             equalization["int8_without_equalization"] = onnx_file_errors(src, plain, jax_outputs(src, *inputs),
                                                                          inputs)
+        if int8 and int8.get("ranges") == "qat":  # the acceptance check: the file computes the QAT forward
+            int8["vs_qat_forward"] = export_int8.qat_check(src, onnx_files["int8_static"],
+                                                           verify_inputs(src, seq_len))
     shutil.rmtree(scratch)
     with open(os.path.join(out_dir, "model_card.md"), "w") as f:
         f.write(model_card(src, record))
@@ -303,7 +299,7 @@ def parse_args(argv):
     p.add_argument("--from", dest="source", required=True, help="finished fine-tuning run/seed or pipeline stage")
     p.add_argument("--to", dest="out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--format", default="hf,onnx", help=f"comma-separated subset of {','.join(FORMATS)}")
-    p.add_argument("--quantize", default="none", help=f"one of {'|'.join(QUANTIZE)} (dynamic needs onnx or tflite)")
+    p.add_argument("--quantize", default="none", help=f"one of {'|'.join(QUANTIZE)} (see the module docstring)")
     p.add_argument("--seq_len", type=int, default=None, help="sequence length of the verify/latency inputs "
                    "(default min(128, max_position_embeddings)); the ONNX files accept any length")
     p.add_argument("--verify", action="store_true", help="run every file in its runtime and compare with JAX")
@@ -320,9 +316,10 @@ def parse_args(argv):
                           f"comma-separated {', '.join(FORMATS)}")
     if args.quantize not in QUANTIZE:
         raise ExportError(f"--quantize={args.quantize}; valid: {', '.join(QUANTIZE)}")
-    if args.quantize != "none" and not {"onnx", "tflite"} & set(args.formats):
-        raise ExportError(f"--quantize={args.quantize} quantises the ONNX / LiteRT files: add onnx or tflite to "
-                          "--format")
+    if args.quantize in ("weight_only", "int8") and "onnx" not in args.formats:
+        raise ExportError(f"--quantize={args.quantize} writes model.int8.onnx: add onnx to --format")
+    if args.quantize != "none" and "onnx" not in args.formats:
+        raise ExportError(f"--quantize={args.quantize} quantises the ONNX file: add onnx to --format")
     if args.repeats < 1:
         raise ExportError(f"--repeats={args.repeats}; must be >= 1")
     if not 1 <= args.calibration <= MAX_CALIBRATION:
@@ -344,7 +341,7 @@ def check_runtimes(formats: list[str]) -> None:
             importlib.import_module(module)
         except ImportError:
             raise ExportError(f"--format={','.join(formats)} needs the Python package {package!r}, which is not "
-                              f"installed: pip install -e '.[{EXTRA.get(module, 'export')}]'") from None
+                              f"installed: pip install -e '.[export]'") from None
 
 
 def check_out_dir(out: str) -> None:
@@ -389,7 +386,7 @@ def run(argv=None) -> int:
         seq_len = args.seq_len if args.seq_len is not None else min(128, max_len)
         if not 2 <= seq_len <= max_len:
             raise ExportError(f"--seq_len={seq_len}; valid: 2..{max_len} (the model's max_position_embeddings)")
-        resolve_equalize(src.model.encoder.cfg, args.quantize, args.equalize)  # a refusal before anything is written
+        resolve_equalize(src.model.encoder.cfg, args.quantize, args.equalize, qat=src.qat is not None)  # before writing
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
         umask = os.umask(0)

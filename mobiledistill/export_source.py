@@ -22,6 +22,9 @@ class Source:
     label_names: list[str] | None
     task: str | None
     description: str
+    # A QAT run (mobiledistill.qat): `model` is its float model; here {'model': the fake-quant model, 'ranges',
+    # 'per_channel', 'weight_levels'} (the grids --quantize=int8 writes); None otherwise.
+    qat: dict | None = None
 
 
 def _finetune_source(path) -> Source:
@@ -40,8 +43,13 @@ def _finetune_source(path) -> Source:
     if names is not None and len(names) != info["num_labels"]:  # e.g. Pea-KD PTP's 4-way labels
         names = None
     kind = "span" if info["kind"] == "span" else "classification"
-    return Source(kind, nnx.merge(t.graphdef, t.params), info["tokenizer"], names, info["task"],
-                  f"fine-tuned {info['task']} model, {run_dir}")
+    from mobiledistill import qat
+
+    model = nnx.merge(t.graphdef, t.params)
+    float_model, grids = qat.strip(model)
+    return Source(kind, float_model, info["tokenizer"], names, info["task"],
+                  f"fine-tuned {info['task']} model{' (QAT)' if grids else ''}, {run_dir}",
+                  None if grids is None else {"model": model, **grids})
 
 
 def _stage_source(stage_dir) -> Source:

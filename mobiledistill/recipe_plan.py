@@ -112,9 +112,15 @@ def _check_inputs(stage: RecipeStage, earlier: list[RecipeStage]) -> None:
             raise ConfigError(f"{where}: {field}={ref!r}: {head!r} is a {src.kind} stage; name it alone")
         elif src.kind == "export":
             raise ConfigError(f"{where}: {field}={ref!r} is an export stage; name the stage it exported")
-        elif field == "init_from" and stage.kind == "finetune" and src.config.get("ptp") is None:
+        elif field == "init_from" and stage.kind == "finetune" and src.config.get("ptp") is None \
+                and not _qat(stage.config):
             raise ConfigError(f"{where}: init_from={ref!r}: a fine-tuning stage starts from a pipeline stage "
-                              f"('pipeline/stage') or a Pea-KD PTP stage; use {head!r} as teacher_from instead")
+                              f"('pipeline/stage'), a Pea-KD PTP stage, or (with qat.enabled) a fine-tuned stage; "
+                              f"use {head!r} as teacher_from instead")
+
+
+def _qat(c) -> bool:
+    return c.get("qat") is not None and bool(c.qat.get("enabled", False))
 
 
 def write_inputs(c, stage: RecipeStage, init: str | None, teacher: str | None) -> None:
@@ -136,6 +142,8 @@ def init_field(ref: str, stages: dict[str, RecipeStage], workdir: epath.Path) ->
     src = stages[head]
     if src.kind == "pretrain":
         return f"stage:{workdir / head / sub}"
+    if src.config.get("ptp") is None:  # QAT from a fine-tuned stage: its whole task model
+        return f"finetune:{workdir / head}/seed_{list(src.config.seeds)[0]}"
     return f"ptp:{workdir / head}/seed_{list(src.config.seeds)[0]}"
 
 
@@ -175,7 +183,7 @@ def _encoder_config(c, ref_cfg):
             raise ConfigError(f"init={c.init}: {epath.Path(rest).parent} has no stage {epath.Path(rest).name!r}")
         cfg = config_lib.model_config(pc.teacher if trains == "teacher" else pc.student, dtype)
         cfg = truncated(cfg, model_overrides(c, COPY_SETTABLE), c.init)
-    elif kind == "ptp":
+    elif kind in ("ptp", "finetune"):
         from mobiledistill.finetune import read_model_json
 
         path = epath.Path(rest)

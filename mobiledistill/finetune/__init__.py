@@ -44,6 +44,8 @@ Modules, one job each (this package re-exports their names; inside it, modules i
     training    one seed: initial parameters, cached teacher logits, the training loop, evaluation
     report      report.md and summary.json
     runner      `run`, `evaluate_run`, `finished`
+    qat         quantisation-aware fine-tuning (`c.qat = qat_config()`; `init='finetune:<run>'` starts from a
+                fine-tuned run): fake-quant Linears, calibrated ranges, `seed_<s>/qat_ranges.json`
 """
 
 from mobiledistill.finetune.config import (
@@ -59,6 +61,7 @@ from mobiledistill.finetune.config import (
 from mobiledistill.finetune.context import Context, prepare, resolve_tokenizer
 from mobiledistill.finetune.losses import LOGIT_ONLY_TERMS, loss_spec
 from mobiledistill.finetune.predict import make_predict, predict_arrays, score
+from mobiledistill.finetune.qat import qat_config
 from mobiledistill.finetune.report import run_label, write_report
 from mobiledistill.finetune.runner import evaluate_run, finished, run
 from mobiledistill.finetune.sources import (
@@ -114,6 +117,7 @@ __all__ = [
     "parse_arg",
     "predict_arrays",
     "prepare",
+    "qat_config",
     "preset_config", "read_model_json",
     "resolve_tokenizer",
     "run",

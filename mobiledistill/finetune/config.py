@@ -162,8 +162,12 @@ def validate(c) -> None:
             bad(f"task={c.task!r}; valid: {', '.join(evaluate.GLUE_TASKS)}, squad, custom")
     elif c.squad_version not in ("v1.1", "v2.0"):
         bad(f"squad_version={c.squad_version!r}; valid: 'v1.1', 'v2.0'")
-    if not c.init.startswith(("hf:", "stage:", "preset:", "ptp:")):
-        bad(f"init={c.init!r}; valid: 'hf:<dir>', 'stage:<workdir>/<stage>', 'preset:<name>', 'ptp:<workdir>'")
+    if not c.init.startswith(("hf:", "stage:", "preset:", "ptp:", "finetune:")):
+        bad(f"init={c.init!r}; valid: 'hf:<dir>', 'stage:<workdir>/<stage>', 'preset:<name>', 'ptp:<workdir>', "
+            f"'finetune:<workdir>[/seed_<s>]'")
+    if c.get("qat") is not None:
+        from mobiledistill.finetune.qat import check
+        check(c)
     if c.get("sps", "") not in ("", "paired", "top3"):
         bad(f"sps={c.sps!r}; valid: '', 'paired', 'top3'")
     if c.get("ptp") is not None and (c.task in (SQUAD, "stsb") or not c.ptp.teacher

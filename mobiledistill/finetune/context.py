@@ -18,6 +18,9 @@ from mobiledistill.data.tokenizer import VOCAB_FILE
 from mobiledistill.finetune.config import validate
 from mobiledistill.finetune.losses import loss_spec
 from mobiledistill.finetune.predict import make_predict, predict_arrays
+from mobiledistill.finetune.qat import check_model as check_qat_model
+from mobiledistill.finetune.qat import enabled as qat_enabled
+from mobiledistill.finetune.qat import settings as qat_settings
 from mobiledistill.finetune.sources import EncoderSource, Teacher, _kind, encoder_source, load_teacher
 from mobiledistill.finetune.taskdata import TaskData, build_features, load_examples, task_texts
 from mobiledistill.models import EncoderConfig
@@ -115,6 +118,11 @@ def prepare(c, workdir: epath.Path, before_writing=None) -> Context:
     if teacher is not None and teacher.cfg.vocab_size != tok.vocab_size:
         raise ConfigError(f"distill.teacher {c.distill.teacher} has a {teacher.cfg.vocab_size}-token vocab, the "
                           f"student's tokenizer {tok_path} {tok.vocab_size}: teacher and student must share one")
+    if source.task is not None and source.task != (kind, num_labels):
+        raise ConfigError(f"init={c.init}: a {source.task[0]} model with {source.task[1]} outputs, but task "
+                          f"{c.task} needs a {kind} model with {num_labels}")
+    if qat_enabled(c):
+        check_qat_model(cfg)
     if c.data.max_seq_length > cfg.max_position_embeddings:
         raise ConfigError(f"data.max_seq_length={c.data.max_seq_length} exceeds the model's "
                           f"max_position_embeddings={cfg.max_position_embeddings}")
@@ -132,6 +140,8 @@ def prepare(c, workdir: epath.Path, before_writing=None) -> Context:
         info = {"task": c.task, "kind": kind, "num_labels": num_labels, "encoder": cfg.to_dict(),
                 "tokenizer": tok_path, "seeds": [int(s) for s in c.seeds], "init": c.init,
                 "teacher": c.distill.teacher, "label_names": list(data.label_names or []) or None}
+        if qat_enabled(c):  # readers of the run rebuild its fake-quant model (mobiledistill.finetune.qat)
+            info["qat"] = qat_settings(c)
         if task is not None and task.custom:
             info["custom"] = {"text_columns": list(task.text_keys), "label_column": task.label_key,
                               "regression": task.is_regression}

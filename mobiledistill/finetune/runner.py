@@ -14,6 +14,8 @@ from mobiledistill.data import CUSTOM
 from mobiledistill.finetune.config import validate
 from mobiledistill.finetune.context import prepare
 from mobiledistill.finetune.predict import _eval_line, _flat_metrics
+from mobiledistill.finetune.qat import enabled as qat_enabled
+from mobiledistill.finetune.qat import settings as qat_settings
 from mobiledistill.finetune.report import run_label, write_report
 from mobiledistill.finetune.sources import _as_state, new_task_model
 from mobiledistill.finetune.training import evaluate_params, train_seed, write_outputs
@@ -109,8 +111,9 @@ def evaluate_run(c, workdir: str | epath.Path) -> dict:
         if ckpt.stage_done(run_dir) is None:
             print(f"[seed {seed}] not finished: skipped", flush=True)
             continue
+        qat = qat_settings(c) if qat_enabled(c) else None
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: new_task_model(ctx.kind, ctx.cfg,
-                                                                             ctx.data.num_labels, 0)))
+                                                                             ctx.data.num_labels, 0, qat)))
         params = _as_state(abstract, ckpt.restore_final_params(run_dir, abstract))
         ev, written = evaluate_params(ctx, graphdef, params)
         write_outputs(run_dir, ev, written, prefix="eval_")

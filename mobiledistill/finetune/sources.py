@@ -29,10 +29,15 @@ def _kind(task: str) -> str:
     return "span" if task == SQUAD else "classification"
 
 
-def new_task_model(kind: str, cfg: EncoderConfig, num_labels: int, seed) -> nnx.Module:
-    """A randomly initialised task model; `seed` is an int or a key."""
+def new_task_model(kind: str, cfg: EncoderConfig, num_labels: int, seed, qat: dict | None = None) -> nnx.Module:
+    """A randomly initialised task model; `seed` is an int or a key; `qat`: the settings of a QAT run (its
+    fake-quant Linears, `mobiledistill.finetune.qat`)."""
     rngs = nnx.Rngs(seed)
-    return SpanModel(cfg, rngs) if kind == "span" else SequenceClassificationModel(cfg, num_labels, rngs)
+    model = SpanModel(cfg, rngs) if kind == "span" else SequenceClassificationModel(cfg, num_labels, rngs)
+    if qat:
+        from mobiledistill.finetune.qat import convert
+        convert(model, qat)
+    return model
 
 
 def copy_matching(dst: nnx.State, src: nnx.State, what: str) -> None:
@@ -82,6 +87,8 @@ class EncoderSource:
     params: nnx.State | None
     tokenizer: str
     description: str
+    task_params: nnx.State | None = None  # init='finetune:': the whole task model (encoder and head) is copied
+    task: tuple | None = None  # its (kind, num_labels)
 
 
 def _read_json(path: epath.Path, what: str) -> dict:
@@ -129,6 +136,11 @@ def encoder_source(c, dtype: str) -> EncoderSource:
         params = nnx.from_flat_state({tuple(int(q) if q.isdigit() else q for q in k.split("/")): v
                                       for k, v in best.items()})
         return EncoderSource(cfg, params, info["tokenizer"], f"Pea-KD PTP encoder of {run_dir}")
+    if kind == "finetune":
+        t = load_finetuned(rest, dtype)
+        cfg = _truncated(t.cfg, _model_overrides(c, _COPY_SETTABLE[1:]), c.init)
+        return EncoderSource(cfg, t.params["encoder"], t.tokenizer, f"fine-tuned run {rest}", t.params,
+                             (t.kind, t.num_labels))
     return EncoderSource(preset_config(c, rest, dtype), None, "", f"preset {rest} (random init)")
 
 
@@ -206,7 +218,7 @@ def load_finetuned(path: str | epath.Path, dtype: str | None = None) -> Teacher:
     workdir, run_dir = finished_run_dir(epath.Path(path))
     info = read_model_json(workdir)
     cfg = info["encoder"] if dtype is None else info["encoder"].replace(dtype=dtype)
-    model = nnx.eval_shape(lambda: new_task_model(info["kind"], cfg, info["num_labels"], 0))
+    model = nnx.eval_shape(lambda: new_task_model(info["kind"], cfg, info["num_labels"], 0, info.get("qat")))
     graphdef, abstract = nnx.split(model)
     params = _as_state(abstract, ckpt.restore_final_params(run_dir, abstract))
     return Teacher(info["kind"], cfg, info["num_labels"], graphdef, params, info["tokenizer"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from flax import nnx
 from mobiledistill import checkpoint as ckpt
 from mobiledistill import evaluate, sharding, steps
 from mobiledistill.data import ArrayIterator
+from mobiledistill.finetune import qat
 from mobiledistill.finetune.context import Context
 from mobiledistill.finetune.losses import loss_spec
 from mobiledistill.finetune.predict import _eval_line, _flat_metrics, predict_arrays, score
@@ -57,7 +59,9 @@ def initial_params(ctx: Context, seed: int) -> tuple[Any, nnx.State]:
         ctx.compiled["init"] = (graphdef, jax.jit(lambda key: nnx.split(make(key))[1]))
     graphdef, init = ctx.compiled["init"]
     params = init(jax.random.key(seed))
-    if ctx.source.params is not None:
+    if ctx.source.task_params is not None:  # init='finetune:': encoder and head
+        copy_matching(params, ctx.source.task_params, ctx.source.description)
+    elif ctx.source.params is not None:
         enc = params["encoder"]
         copy_matching(enc, ctx.source.params, ctx.source.description)
         params["encoder"] = enc
@@ -133,10 +137,14 @@ def train_seed(ctx: Context, seed: int, index: int) -> dict:
                                 warmup_fraction=c.train.warmup_fraction, total_steps=total,
                                 weight_decay=c.train.weight_decay, eps=c.train.eps,
                                 clip_norm=c.train.clip_norm or None, skip_nonfinite=c.train.nonfinite == "skip")
+    if qat.enabled(c):  # the ranges: frozen or trained (mobiledistill.finetune.qat)
+        optimizer = dataclasses.replace(optimizer, lr_scales=qat.lr_rules(c))
     stage = Stage(name=f"seed_{seed}", steps=total, losses=ctx.spec, optimizer=optimizer, init="fresh",
                   teacher_from=c.distill.teacher or None, dropout=bool(c.train.dropout))
 
     graphdef, init = initial_params(ctx, seed)
+    if qat.enabled(c):
+        graphdef, init = qat.start(c, graphdef, init, ctx.data.train)
     p_shard = sharding.tree_shardings(init, ctx.mesh)
     params = jax.device_put(init, p_shard)
     if total not in ctx.compiled:  # seeds share one jitted step (it depends on the step count, not the seed)
@@ -190,6 +198,8 @@ def train_seed(ctx: Context, seed: int, index: int) -> dict:
         if c.get("ptp") is not None:
             _keep_best_encoder(ctx, run_dir, params, ev, c.train.epochs)
         flat = _flat_metrics(ev)
+        if qat.enabled(c) and jax.process_index() == 0:
+            qat.write_ranges(c, run_dir, graphdef, params)
         _append_jsonl(eval_log, {"step": total, "epoch": c.train.epochs, **flat})
         log.event(f"final (epoch {c.train.epochs}): {_eval_line(ev)}")
         summary = {"seed": int(seed), "final_step": total, "seconds": time.perf_counter() - t0, **flat}
