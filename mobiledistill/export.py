@@ -1,6 +1,6 @@
-"""A finished run -> deployable files: a Hugging Face directory, ONNX fp32 and ONNX dynamic int8 (SPEC §13).
+"""A finished run -> deployable files: Hugging Face, ONNX and LiteRT (TFLite), fp32 and dynamic int8 (SPEC §13).
 
-    python -m mobiledistill.export --from=RUN --to=OUT --format=hf,onnx [--seq_len=L]
+    python -m mobiledistill.export --from=RUN --to=OUT --format=hf,onnx,tflite [--seq_len=L]
         --quantize=none|dynamic|weight_only|int8
         [--verify] [--equalize | --no-equalize] [--calibration=N]
 
@@ -16,13 +16,19 @@ OUT must not exist or be empty; it receives
                         residual-equalised model (below); weight_only: int8 weights, float activations; int8:
                         static QDQ int8 (`export_int8`), activation scales from `quantize_static` calibration on
                         --calibration sequences (equalised where that applies) or a QAT run's ranges (`c.qat`)
+    model.tflite        LiteRT fp32: `jax2tf` (native serialisation) of the JAX model -> SavedModel ->
+                        TFLiteConverter, builtin ops only (runs in the plain `ai-edge-litert` interpreter); fixed
+                        int32 inputs [1, L] (a polymorphic batch does not lower to TFLite builtins), signature
+                        `serving_default` (export_tflite)
+    model.int8.tflite   the converter's dynamic-range int8 (Optimize.DEFAULT: int8 weights, activations quantised at
+                        run time) of the same function of the model or, for NoNorm models, of the equalised model
     model_card.md, export.json
 
-Every ONNX file also outputs `last_hidden_state`, so the int8 error can be measured per feature channel: NoNorm
-students grow a few channels in the thousands, and a whole-tensor error hides what per-tensor int8 does to the rest.
-`--verify` runs each file in its own runtime (transformers, onnxruntime) on random padded token batches and compares
-with the JAX model: fp32 files must reach max relative error <= 1e-4 (else exit 1 and OUT is not written); int8 files
-report argmax agreement and per-channel error; latency is measured at batch 1 x L.
+Every ONNX / LiteRT file also outputs `last_hidden_state`, so the int8 error can be measured per feature channel:
+NoNorm students grow a few channels in the thousands, and a whole-tensor error hides what per-tensor int8 does to the
+rest. `--verify` runs each file in its own runtime (transformers, onnxruntime, LiteRT row by row) on random padded
+token batches and compares with the JAX model: fp32 files must reach max relative error <= 1e-4 (else exit 1 and OUT
+is not written); int8 files report argmax agreement and per-channel error; latency is measured at batch 1 x L.
 
 Residual equalisation (`mobiledistill.quantize`, on by default for NoNorm models with --quantize=dynamic; turn it
 off with --no-equalize; --equalize on a LayerNorm model is refused): per-tensor int8 activations cannot represent a
@@ -33,7 +39,7 @@ run time, and leaves ordinary channels alone (s = 1 unless a channel's range sta
 gets s = 1 everywhere, the plain int8 file), so it is the default where it applies.
 Its task outputs are the model's; its `last_hidden_state` is h / s (s is in export.json, `equalization.scales`;
 --verify multiplies it back before comparing, and also reports the plain int8 file's errors for comparison). The
-fp32 files (hf/, model.onnx) are always the original model.
+fp32 files (hf/, model.onnx, model.tflite) are always the original model.
 Exit codes: 0 done, 1 verification failed, 2 bad input (one line on stderr; nothing is written or overwritten).
 """
 
@@ -72,6 +78,7 @@ from mobiledistill.export_write import (
     OUTPUTS,
     _hf_class,
     equalized_int8,
+    equalized_model,
     load_transformers,
     quantize_onnx,
     random_inputs,
@@ -85,19 +92,23 @@ from mobiledistill.quantize import CALIBRATION
 MAX_CALIBRATION = 100_000
 
 __all__ = [
-    "CALIBRATION", "FORMATS", "FP32_TOL", "HIDDEN", "INPUTS", "MAX_CALIBRATION", "OPTIONS", "OUTPUTS", "QUANTIZE",
-    "RUNTIMES", "ExportError", "Source", "VerifyError", "agreement", "channel_errors", "check_out_dir",
-    "check_runtimes", "compare", "export", "jax_outputs", "latency", "load_source", "load_transformers", "machine",
-    "model_card", "onnx_file_errors", "onnx_outputs", "parse_args", "quantize_onnx", "random_inputs", "rel_err",
-    "resolve_equalize", "run", "transformers_outputs", "verify", "verify_inputs", "write_hf", "write_onnx",
-    "write_tokenizer",
+    "CALIBRATION", "EXTRA", "FORMATS", "FP32_TOL", "HIDDEN", "INPUTS", "MAX_CALIBRATION", "OPTIONS", "OUTPUTS",
+    "QUANTIZE", "RUNTIMES", "ExportError", "Source", "VerifyError", "agreement", "channel_errors", "check_out_dir",
+    "check_runtimes", "compare", "equalized_model", "export", "jax_outputs", "latency", "load_source",
+    "load_transformers", "machine", "model_card", "onnx_file_errors", "onnx_outputs", "parse_args", "quantize_onnx",
+    "random_inputs", "rel_err", "resolve_equalize", "run", "transformers_outputs", "verify", "verify_inputs",
+    "write_hf", "write_onnx", "write_tokenizer",
 ]
 
-FORMATS = ("hf", "onnx")
+FORMATS = ("hf", "onnx", "tflite")
 QUANTIZE = ("none", "dynamic", "weight_only", "int8")
-# Runtimes each format needs (import name -> pip name); all are in the `export` extra (torch in `test`).
+# Runtimes each format needs (import name -> pip name); hf/onnx are in the `export` extra, tflite in `tflite` (both in
+# `test`). The hf directory is always written (the tokenizer), so every format needs transformers.
 RUNTIMES = {"hf": {"torch": "torch", "transformers": "transformers"},
-            "onnx": {"torch": "torch", "transformers": "transformers", "onnx": "onnx", "onnxruntime": "onnxruntime"}}
+            "onnx": {"torch": "torch", "transformers": "transformers", "onnx": "onnx", "onnxruntime": "onnxruntime"},
+            "tflite": {"torch": "torch", "transformers": "transformers", "tensorflow": "tensorflow-cpu",
+                       "ai_edge_litert": "ai-edge-litert"}}
+EXTRA = {"tensorflow": "tflite", "ai_edge_litert": "tflite"}  # the setup.py extra of a runtime (else `export`)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,7 +129,11 @@ def model_card(src: Source, record: dict) -> str:
              f"- labels: {src.label_names or ('2 span logits (start, end)' if src.kind == 'span' else 'n/a')}",
              f"- tokenizer: WordPiece, {record['vocab_size']} tokens (`tokenizer/`, also in `hf/`)",
              f"- ONNX inputs: {', '.join(INPUTS)} (int64 [batch, sequence]); outputs: "
-             f"{', '.join(OUTPUTS[src.kind] + (HIDDEN,))}", "", "## Files", "", "| file | format | size |",
+             f"{', '.join(OUTPUTS[src.kind] + (HIDDEN,))}"]
+    if any(n.endswith(".tflite") for n in record["files"]):
+        lines.append(f"- LiteRT inputs: the same names, int32 [1, {record['seq_len']}] (one row per call; signature "
+                     "`serving_default`); the same outputs")
+    lines += ["", "## Files", "", "| file | format | size |",
              "|---|---|---|"]
     for name, f in record["files"].items():
         lines.append(f"| `{name}` | {f['format']} | {_mb(f['bytes'])} |")
@@ -159,7 +174,7 @@ def _equalization_lines(eq: dict | None) -> list[str]:
     if not eq["applied"]:
         return ["", "int8 residual equalisation: no (LayerNorm model, or --no-equalize)."]
     lines = ["", "## int8 residual equalisation", "",
-             f"`model.int8.onnx` quantises a copy whose residual stream is h / s (exact in float32; `{HIDDEN}` of "
+             f"The int8 files quantise a copy whose residual stream is h / s (exact in float32; `{HIDDEN}` of "
              f"that file is h / s, s = `equalization.scales` in export.json). s: powers of two from "
              f"{eq['scale_min']:g} to {eq['scale_max']:g}, {eq['channels_rescaled']}/{eq['channels']} channels "
              f"rescaled, calibrated on {eq['calibration_sequences']} random sequences (alpha {eq['alpha']:g}); "
@@ -171,7 +186,7 @@ def _equalization_lines(eq: dict | None) -> list[str]:
         lines += ["", f"The same int8 recipe without equalisation (not written): max rel. error "
                   f"{plain['max_rel_err']:.3g} ({plain['worst_output']}); `{HIDDEN}` worst channel {h['max']:.3g}, "
                   f"median channel {h['median']:.3g}, channels > 10% err {h['over_10pct']}/{h['channels']}; "
-                  "compare with `model.int8.onnx` below."]
+                  "compare with the int8 file(s) below."]
     return lines
 
 
@@ -225,7 +240,9 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
     hf_dir = os.path.join(out_dir, "hf") if "hf" in formats else os.path.join(scratch, "hf")
     write_hf(src, hf_dir)
     write_tokenizer(src, os.path.join(out_dir, "tokenizer"))
-    files, onnx_files = {}, {}
+    files, onnx_files, tflite_files = {}, {}, {}
+    eq = equalized_model(src, seq_len, calibration) if equalize else None  # (model, record) for the int8 files
+    equalization = eq[1] if eq else None
     if "hf" in formats:
         files["hf/model.safetensors"] = {"format": "Hugging Face safetensors (fp32)"}
     if "onnx" in formats:
@@ -236,7 +253,7 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
             onnx_files["int8_dynamic"] = os.path.join(out_dir, "model.int8.onnx")
             fmt = "ONNX, onnxruntime dynamic int8 (per-channel weights)"
             if equalize:
-                equalization = equalized_int8(src, onnx_files["int8_dynamic"], scratch, seq_len, calibration)
+                equalized_int8(src, onnx_files["int8_dynamic"], scratch, seq_len, calibration, equalized=eq)
                 fmt += "; residual-equalised, last_hidden_state = h / s"
             else:
                 quantize_onnx(onnx_files["fp32"], onnx_files["int8_dynamic"], scratch)
@@ -248,12 +265,24 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
                                                      seq_len, calibration, equalize)
             equalization = eq_record or equalization
             files["model.int8.onnx"] = {"format": fmt}
+    if "tflite" in formats:
+        from mobiledistill import export_tflite
+        tflite_files["fp32"] = os.path.join(out_dir, "model.tflite")
+        files["model.tflite"] = {"format": f"LiteRT flatbuffer (fp32), int32 inputs [1, {seq_len}]"}
+        if quantize == "dynamic":
+            tflite_files["int8_dynamic"] = os.path.join(out_dir, "model.int8.tflite")
+            files["model.int8.tflite"] = {"format": "LiteRT, dynamic-range int8 (per-channel weights)" + (
+                "; residual-equalised, last_hidden_state = h / s" if eq else "")}
+        export_tflite.write_tflite(src.model, src.kind, seq_len, scratch, tflite_files["fp32"],
+                                   tflite_files.get("int8_dynamic"), eq[0] if eq else None)
     for name, f in files.items():
         f["bytes"] = os.path.getsize(os.path.join(out_dir, name))
     record = {"source": src.description, "kind": src.kind, "task": src.task, "labels": src.label_names,
               "seq_len": seq_len, "formats": formats, "quantize": quantize, "files": files,
               "parameters": count_params(src.model), "vocab_size": src.model.encoder.cfg.vocab_size,
               "hf_config": json.loads(open(os.path.join(hf_dir, "config.json")).read()), "versions": _versions()}
+    if tflite_files:
+        record["versions"].update(export_tflite.versions())
     if int8:
         record["int8"] = int8
     if quantize != "none":
@@ -263,8 +292,8 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
     if do_verify:
         scales = {k: equalization["scales"] for k in ("int8_dynamic", "int8_static")} if equalization else None
         record["verify"] = verify(src, hf_dir, onnx_files, seq_len, "hf" in formats, repeats=repeats,
-                                  hidden_scales=scales)
-        if equalization:  # the same int8 recipe without equalisation, for comparison (not kept)
+                                  hidden_scales=scales, tflite_files=tflite_files)
+        if equalization and onnx_files:  # the same int8 recipe without equalisation, for comparison (not kept)
             plain = os.path.join(scratch, "model.int8.plain.onnx")
             if quantize == "dynamic":
                 quantize_onnx(onnx_files["fp32"], plain, scratch)
@@ -318,8 +347,9 @@ def parse_args(argv):
         raise ExportError(f"--quantize={args.quantize}; valid: {', '.join(QUANTIZE)}")
     if args.quantize in ("weight_only", "int8") and "onnx" not in args.formats:
         raise ExportError(f"--quantize={args.quantize} writes model.int8.onnx: add onnx to --format")
-    if args.quantize != "none" and "onnx" not in args.formats:
-        raise ExportError(f"--quantize={args.quantize} quantises the ONNX file: add onnx to --format")
+    if args.quantize != "none" and not {"onnx", "tflite"} & set(args.formats):
+        raise ExportError(f"--quantize={args.quantize} quantises the ONNX / LiteRT files: add onnx or tflite to "
+                          "--format")
     if args.repeats < 1:
         raise ExportError(f"--repeats={args.repeats}; must be >= 1")
     if not 1 <= args.calibration <= MAX_CALIBRATION:
@@ -341,7 +371,7 @@ def check_runtimes(formats: list[str]) -> None:
             importlib.import_module(module)
         except ImportError:
             raise ExportError(f"--format={','.join(formats)} needs the Python package {package!r}, which is not "
-                              f"installed: pip install -e '.[export]'") from None
+                              f"installed: pip install -e '.[{EXTRA.get(module, 'export')}]'") from None
 
 
 def check_out_dir(out: str) -> None:
