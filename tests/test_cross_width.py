@@ -317,6 +317,7 @@ def test_strategies_accept_other_widths_with_projections_and_relations():
         build_stages(make_config("joint", pkt=dict(relation_heads=3)), teacher_cfg, student_cfg)
 
 
+@pytest.mark.slow
 def test_joint_stage_across_widths_trains_student_and_projections():
     """Random teacher, synthetic padded batches: the jkt stage's loss falls, layers and projections move, embeddings
     (SVD-initialised from the teacher) and heads stay frozen."""
@@ -400,6 +401,7 @@ def _raw_params(stage_dir, step):
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_projections_are_checkpointed_resumed_and_not_handed_on(stage_run, capsys):
     from mobiledistill import checkpoint as ckpt
     from mobiledistill import train

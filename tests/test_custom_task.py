@@ -137,6 +137,7 @@ def test_custom_config_checks():
 # End to end
 
 
+@pytest.mark.slow
 def test_five_labels_train_and_score_each_split(tmp_path):
     for split, n, seed in (("train", 100, 0), ("dev", 40, 1), ("test", 30, 2)):
         _write_jsonl(tmp_path / f"{split}.jsonl", _rows(n, seed))
@@ -166,6 +167,7 @@ def test_five_labels_train_and_score_each_split(tmp_path):
     assert info["label_names"] == list(TOPICS) and info["num_labels"] == 5
 
 
+@pytest.mark.slow
 def test_string_label_pairs_then_distill_from_the_teacher(tmp_path):
     names = ("fruit", "vehicle", "colour", "animal", "weather")
     given = ("weather", "animal", "colour", "vehicle", "fruit")  # ids follow custom.labels, not sorted order
@@ -197,6 +199,7 @@ def test_string_label_pairs_then_distill_from_the_teacher(tmp_path):
     assert _untouched(tmp_path / "student2")
 
 
+@pytest.mark.slow
 def test_regression_target(tmp_path):
     rng = random.Random(0)
     rows = [(" ".join(rng.choice(("good", "bad")) for _ in range(4)), 0.0) for _ in range(24)]
@@ -212,6 +215,7 @@ def test_regression_target(tmp_path):
     assert "regression target `label`" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_bad_label_exits_2_in_one_line_and_leaves_the_workdir_reusable(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", _rows(20, 0, ("neg", "pos")), number_labels=False)
     (tmp_path / "dev.tsv").write_text("text\tlabel\napple pear\tneg\ncar bus\tmaybe\nred\tpos\n")

@@ -22,6 +22,7 @@ def test_trained_vocab_has_specials_first_and_is_cached():
     assert os.stat(vocab_path).st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_training_on_the_same_corpus_gives_the_same_ids_in_every_process():
     """`tokenizers` numbers trained tokens in hash-map order (random per process); ours are canonical."""
     script = (

@@ -188,6 +188,7 @@ def _summary(history, key, head=3, tail=5):
     return np.mean([m[key] for m in history[:head]]), np.mean([m[key] for m in history[-tail:]])
 
 
+@pytest.mark.slow
 def test_real_text_pipeline_teacher_then_progressive_then_pd(real_text_run):
     run = real_text_run
     names = [s.name for s in run["stages"]]
@@ -215,6 +216,7 @@ def _relative_change(before, after, path):
     return np.linalg.norm(after[path] - before[path]) / np.linalg.norm(before[path])
 
 
+@pytest.mark.slow
 def test_progressive_stage_moves_only_layers_up_to_k_at_their_scales(real_text_run):
     """Two steps of each PKT stage (the first has lr 0: one-step warm-up): embeddings, heads and layers above k are
     bit-identical; under LAMB each kernel moves by exactly lr x its scale relative to its norm (trust ratio), so
@@ -235,6 +237,7 @@ def test_progressive_stage_moves_only_layers_up_to_k_at_their_scales(real_text_r
                 assert _relative_change(before, after, path) == pytest.approx(want, rel=0.01), (stage.name, path)
 
 
+@pytest.mark.slow
 def test_progressive_step_flops_grow_with_k(real_text_run):
     flops = [real_text_run["flops"][f"pkt_{k:02d}"] for k in range(LAYERS)]
     increments = np.diff(flops)
@@ -244,6 +247,7 @@ def test_progressive_step_flops_grow_with_k(real_text_run):
     assert flops[0] < 0.4 * flops[-1], flops
 
 
+@pytest.mark.slow
 def test_lower_layer_scale_zero_is_a_hard_freeze(real_text_run):
     """Stage pkt_01 again from the same start on the same batches, with lower_layer_scale=0."""
     run = real_text_run
@@ -284,6 +288,7 @@ def _run_stage(stage, student_cfg, teacher_cfg, batches, num_steps, accumulation
     return start, params, history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["joint", "auxiliary"])
 def test_joint_and_auxiliary_stages_run_and_learn(strategy):
     """Random teacher, synthetic batches with padding and some zero MLM weights."""
@@ -313,6 +318,7 @@ def test_joint_and_auxiliary_stages_run_and_learn(strategy):
             assert any(changed), group
 
 
+@pytest.mark.slow
 def test_micro_batches_get_their_own_dropout_keys():
     """Teacher pre-training (dropout on) with 2 micro-batches holding the same sequence: with one shared key both
     would see the same dropout masks and the step would equal a 1-sequence step under that key."""

@@ -318,6 +318,7 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(sst2_run, stage_run, tmp_
     assert sorted(os.listdir(tmp_path)) == ["full", "unfinished"]
 
 
+@pytest.mark.slow
 def test_module_entry_point(sst2_run, tmp_path):
     """`python -m mobiledistill.export` as users run it: exit 0 and the HF directory; exit 2 with one line."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
@@ -332,6 +333,7 @@ def test_module_entry_point(sst2_run, tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "already holds files" in p.stderr
 
 
+@pytest.mark.slow
 def test_several_seeds_fine_tune_from_one_pipeline_stage(stage_run, tmp_path):
     """init=stage:<workdir>/pd with 2 seeds: each seed copies the stage's encoder (seed 0's step donates its own
     parameters; it once donated the shared source, and seed 1 died on a deleted buffer)."""

@@ -89,6 +89,7 @@ def test_tflite_classification_verified_equalised_and_scored(sst2_run, tmp_path)
     assert export_stage.check(c) == ["tflite"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,kind", [("span_run", "span"), ("stage_run", "pretraining")])
 def test_tflite_span_and_pretraining_verified(request, tmp_path, which, kind):
     """The plain int8 recipe here (--no-equalize; the classification test covers the equalised one)."""

@@ -32,6 +32,7 @@ def _finite(d):
     return all(v is None or not isinstance(v, float) or math.isfinite(v) for v in d.values())
 
 
+@pytest.mark.slow
 def test_sst2_finetune_then_distill_multi_seed(tmp_path):
     teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
     with tfds.testing.mock_data(num_examples=10):
@@ -59,6 +60,7 @@ def test_sst2_finetune_then_distill_multi_seed(tmp_path):
     assert "logit_kd" in json.loads(jsonl[-1])
 
 
+@pytest.mark.slow
 def test_stsb_regression_and_ckd_distill_config(tmp_path):
     with tfds.testing.mock_data(num_examples=10):
         c = finetune_glue.get_config("task=stsb,tiny=1,seeds=1")
@@ -91,7 +93,7 @@ def _squad_records(n, version_2):
     return out
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("version", ["v1", pytest.param("v2", marks=pytest.mark.slow)])
 def test_squad_end_to_end(tmp_path, version):
     records = _squad_records(8, version == "v2")
     with tfds.testing.mock_data(as_data_source_fn=lambda builder, split, **kw: records):
@@ -119,6 +121,7 @@ def test_squad_recipe_and_arg_errors():
         finetune.validate(bad)
 
 
+@pytest.mark.slow
 def test_main_files_eval_mode_and_bad_input(tmp_path):
     rows = [("A man sleeps.", "Someone sleeps.", 1), ("A dog runs.", "A cat sits.", 0)] * 5
     for split in ("train", "dev"):

@@ -185,6 +185,7 @@ def fixed_batch(vocab_size, batch=8, seq=16, predictions=4, seed=0):
                 next_sentence_labels=r.integers(0, 2, (batch,)).astype(np.int32))
 
 
+@pytest.mark.slow
 def test_head_adaptation_stage_leaves_the_encoder_bit_identical_and_trains_the_head(tmp_path):
     headless(tmp_path)
     c = pipeline_config(tmp_path, adapt_head_steps=30, adapt_head_lr=3e-2)

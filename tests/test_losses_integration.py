@@ -12,6 +12,7 @@ from mobiledistill import optim
 from mobiledistill.models import Encoder, preset
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask_value", ["min"])
 def test_progressive_step_on_real_encoders(mask_value):
     teacher = Encoder(preset("test_ib_bert", attention_mask_value=mask_value), rngs=nnx.Rngs(0))

@@ -12,6 +12,7 @@ from mobiledistill.models import (Encoder, PreTrainingModel, SequenceClassificat
                                   count_params, encoder_param_count, forward_flops, preset)
 
 
+@pytest.mark.slow
 def test_exact_backbone_sizes():
     assert encoder_param_count(preset("mobilebert")) == 24_581_888
     assert encoder_param_count(preset("mobilebert_tiny")) == 15_485_696
@@ -30,7 +31,7 @@ def test_analytic_flops_near_paper(name, paper):
     assert abs(flops - paper) / paper < 0.10, flops
 
 
-@pytest.mark.parametrize("name", ["mobilebert", "mobilebert_tiny"])
+@pytest.mark.parametrize("name", [pytest.param("mobilebert", marks=pytest.mark.slow), "mobilebert_tiny"])
 def test_analytic_flops_match_xla_cost_analysis(name):
     cfg = preset(name)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Encoder(cfg, nnx.Rngs(0))))
@@ -45,6 +46,7 @@ def test_analytic_flops_match_xla_cost_analysis(name):
     assert abs(cost["flops"] - analytic) / analytic < 0.05, (cost["flops"], analytic)
 
 
+@pytest.mark.slow
 def test_bf16_full_size_close_to_fp32():
     """bf16 compute with f32 parameters: finite, and within 3% (relative to the output scale) of fp32."""
     cfg32 = preset("mobilebert")

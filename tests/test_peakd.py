@@ -98,6 +98,7 @@ def test_patience_layers():
         patience_layers(1, 12)
 
 
+@pytest.mark.slow
 def test_peakd_end_to_end_tiny(tmp_path):
     import json
     import os

@@ -138,6 +138,7 @@ def test_sigterm_saves_the_current_step_and_a_rerun_continues(vocab, tmp_path):
     assert resumed.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(vocab, tmp_path):
     workdir = str(tmp_path / "nan")
     args = tiny(vocab, "--config.teacher.lr=1e30", "--config.teacher.warmup_steps=0", "--config.train.log_every=1",
@@ -152,6 +153,7 @@ def test_nonfinite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(vocab
     assert not os.path.exists(os.path.join(workdir, "teacher", "done.json"))
 
 
+@pytest.mark.slow
 def test_relative_workdir(vocab, tmp_path):
     """The README runs `--workdir=runs/local`: relative paths are made absolute (Orbax requires it)."""
     args = tiny(vocab, "--config.teacher.steps=2", "--config.train.log_every=1",
@@ -179,6 +181,7 @@ def test_one_and_eight_devices_give_the_same_losses(vocab, tmp_path):
     np.testing.assert_allclose(losses["data4_fsdp2"], losses["1"], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_paper_scale_dry_run():
     r = main(["--config=configs/progressive.py", "--dry_run", "--devices=512"])
     assert r.returncode == 0, r.stderr[-3000:]

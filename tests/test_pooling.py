@@ -66,6 +66,7 @@ def test_hf_export_refuses_mean_pooled_classifier_but_saves_the_encoder(tmp_path
     assert (tmp_path / "encoder" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_finetune_records_mean_pooling_and_its_teacher_keeps_it(tmp_path):
     c = finetune_glue.get_config("task=sst2,tiny=1")
     c.model.classifier_pooling = "mean"

@@ -121,6 +121,7 @@ def test_power_of_two_scales_are_bit_exact():
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
 
 
+@pytest.mark.slow
 def test_calibration_finds_the_outlier_channels():
     for compensated in (True, False):
         model = outlier_model("test_mobilebert", compensated)
@@ -261,6 +262,7 @@ def _fake_run(workdir, model, vocab_path):
     return workdir
 
 
+@pytest.mark.slow
 def test_cli_equalize_flags(tmp_path, capsys):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text(VOCAB)

@@ -55,10 +55,11 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("name,num_layers,plan,dropout,variant", [
     ("test_mobilebert", None, None, False, dict(scan_layers=True)),
-    ("test_mobilebert", 2, None, False, dict(scan_layers=True)),
-    ("test_mobilebert", 3, None, True, dict(scan_layers=True, remat="full")),
-    ("test_ib_bert", 2, None, False, dict(remat="dots")),
-    ("test_bert", None, ((0, False), (1, False), (0, True)), True, dict(scan_layers=True)),
+    pytest.param("test_mobilebert", 2, None, False, dict(scan_layers=True), marks=pytest.mark.slow),
+    pytest.param("test_mobilebert", 3, None, True, dict(scan_layers=True, remat="full"), marks=pytest.mark.slow),
+    pytest.param("test_ib_bert", 2, None, False, dict(remat="dots"), marks=pytest.mark.slow),
+    pytest.param("test_bert", None, ((0, False), (1, False), (0, True)), True, dict(scan_layers=True),
+                 marks=pytest.mark.slow),
 ])
 def test_scanned_and_remat_equal_unrolled(name, num_layers, plan, dropout, variant):
     """Outputs and gradients; `num_layers` < L is a progressive stage (the last layer runs outside the scan)."""
@@ -82,6 +83,7 @@ def tiny_stage(**kw) -> Stage:
                  losses={"mlm": {"weight": 1.0}, "nsp": {"weight": 1.0}}, **kw)
 
 
+@pytest.mark.slow
 def test_accumulation_steps_give_the_same_update(scan=False):
     """4 micro-batches of 2 == one batch of 8 (every sequence has the same number of predictions)."""
     cfg = preset("test_mobilebert", scan_layers=scan)

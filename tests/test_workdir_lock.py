@@ -135,6 +135,7 @@ def test_second_pipeline_on_a_busy_workdir_is_refused_then_a_killed_ones_lock_is
     assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))  # released at the end
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_read_without_the_lock(tmp_path, sleeper, capsys):
     """Readers of a finished run are never refused while another process holds its workdir: re-running the finished
     experiment (nothing to do, nothing written), evaluating it (mode=eval) and exporting it; a run that would write
