@@ -201,31 +201,6 @@ def _calibration(src, calibration: int, seq_len: int):
                                        sep_id=tok.sep_id)
 
 
-def _fp32_onnx_of(src, model, scratch: str, seq_len: int, name: str) -> str:
-    """A model other than the source's (the equalised copy) as an fp32 ONNX file in `scratch`."""
-    import dataclasses
-
-    from mobiledistill import convert
-    from mobiledistill.export_write import write_onnx
-
-    hf_dir = os.path.join(scratch, f"hf_{name}")
-    convert.save_hf(model, hf_dir, label_names=src.label_names)
-    path = os.path.join(scratch, f"model.{name}.onnx")
-    write_onnx(dataclasses.replace(src, model=model), hf_dir, path, seq_len)
-    return path
-
-
-def _equalized(src, seq_len: int, calibration: int):
-    """(the residual-equalised copy of the model, the export.json equalisation record) (`mobiledistill.quantize`)."""
-    from mobiledistill import quantize
-
-    batches = _calibration(src, calibration, seq_len)
-    ranges = quantize.residual_channel_ranges(src.model, batches)
-    s = quantize.scales_from_ranges(ranges, quantize.reader_row_ranges(src.model), quantize.ALPHA)
-    return quantize.equalize_residual(src.model, s), {**quantize.summary(s, ranges, quantize.ALPHA, calibration),
-                                                      "scales": [float(x) for x in s]}
-
-
 def write(src, quantize: str, fp32_path: str, int8_path: str, scratch: str, seq_len: int, calibration: int,
           equalize: bool = False) -> tuple[str, dict, dict | None]:
     """Writes `int8_path` for --quantize=weight_only | int8 from the fp32 file; returns (its format line, the
@@ -238,8 +213,10 @@ def write(src, quantize: str, fp32_path: str, int8_path: str, scratch: str, seq_
     if src.qat is not None:
         rec = qat_int8(fp32_path, int8_path, src.model, src.qat)
         return "ONNX QDQ static int8, the QAT run's ranges", {"mode": quantize, "ranges": "qat", **rec}, None
-    model, equalization = _equalized(src, seq_len, calibration) if equalize else (None, None)
-    source = fp32_path if model is None else _fp32_onnx_of(src, model, scratch, seq_len, "equalized")
+    from mobiledistill.export_write import equalized_model, equalized_onnx
+
+    model, equalization = equalized_model(src, seq_len, calibration) if equalize else (None, None)
+    source = fp32_path if model is None else equalized_onnx(src, model, scratch, seq_len)
     rec = static_int8(source, int8_path, scratch, _calibration(src, calibration, seq_len))
     fmt = "ONNX QDQ static int8 (onnxruntime calibration)"
     if model is not None:

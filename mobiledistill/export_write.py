@@ -135,6 +135,19 @@ def equalized_model(src: Source, seq_len: int, calibration: int, alpha: float | 
     return model, {**quantize.summary(s, ranges, alpha, calibration), "scales": [float(x) for x in s]}
 
 
+def equalized_onnx(src: Source, model, scratch: str, seq_len: int) -> str:
+    """The fp32 ONNX file of `model`, a copy of the source's model (the residual-equalised one), in `scratch`."""
+    import dataclasses
+
+    from mobiledistill import convert
+
+    hf_dir = os.path.join(scratch, "hf_equalized")
+    convert.save_hf(model, hf_dir, label_names=src.label_names)
+    fp32 = os.path.join(scratch, "model.equalized.onnx")
+    write_onnx(dataclasses.replace(src, model=model), hf_dir, fp32, seq_len)
+    return fp32
+
+
 def equalized_int8(src: Source, int8_path: str, scratch: str, seq_len: int, calibration: int,
                    alpha: float | None = None, equalized=None) -> dict:
     """The residual-equalised dynamic int8 ONNX file: the copy of the model from `equalized_model` (or `equalized`,
@@ -142,15 +155,6 @@ def equalized_int8(src: Source, int8_path: str, scratch: str, seq_len: int, cali
     quantised into `int8_path`. Its task outputs are the model's; its `last_hidden_state` is h / s.
 
     Returns the export.json record of the equalisation (scales included)."""
-    import dataclasses
-
-    from mobiledistill import convert
-
     model, record = equalized or equalized_model(src, seq_len, calibration, alpha)
-    eq_src = dataclasses.replace(src, model=model)
-    hf_dir = os.path.join(scratch, "hf_equalized")
-    convert.save_hf(model, hf_dir, label_names=src.label_names)
-    fp32 = os.path.join(scratch, "model.equalized.onnx")
-    write_onnx(eq_src, hf_dir, fp32, seq_len)
-    quantize_onnx(fp32, int8_path, scratch)
+    quantize_onnx(equalized_onnx(src, model, scratch, seq_len), int8_path, scratch)
     return record
