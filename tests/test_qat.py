@@ -19,7 +19,6 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from mobiledistill import checkpoint as ckpt
 from mobiledistill import engine, export, export_int8, finetune, qat
 from mobiledistill.errors import ConfigError
 from mobiledistill.models import SequenceClassificationModel, preset
@@ -28,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import finetune_glue  # noqa: E402
+from test_export import fake_finetune_run  # noqa: E402
 
 VOCAB = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n" + "".join(f"w{i}\n" for i in range(92))
 
@@ -182,26 +182,13 @@ def test_qat_int8_onnx_computes_the_fake_quant_forward(qat_run, tmp_path, capsys
 # ---------------------------------------------------------------------------------------------------------------
 # weight_only and calibrated static int8 from a plain run
 
-def _fake_run(workdir, model, vocab_path):
-    os.makedirs(workdir)
-    info = {"task": "sst2", "kind": "classification", "num_labels": model.num_labels,
-            "encoder": model.encoder.cfg.to_dict(), "tokenizer": vocab_path, "seeds": [0], "init": "preset",
-            "teacher": ""}
-    with open(os.path.join(workdir, "model.json"), "w") as f:
-        json.dump(info, f, default=str)
-    cp = ckpt.StageCheckpoints(os.path.join(workdir, "seed_0"), async_save=False)
-    cp.save(3, nnx.state(model, nnx.Param), {"count": np.zeros((), np.int32)}, {"epoch": 0})
-    cp.mark_done({"final_step": 3})
-    cp.close()
-    return workdir
-
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("plain")
     (base / "vocab.txt").write_text(VOCAB)
-    return _fake_run(str(base / "run"), SequenceClassificationModel(preset("test_mobilebert_tiny"), 3, nnx.Rngs(1)),
-                     str(base / "vocab.txt"))
+    model = SequenceClassificationModel(preset("test_mobilebert_tiny"), 3, nnx.Rngs(1))
+    return fake_finetune_run(str(base / "run"), model, "sst2", "classification", str(base / "vocab.txt"))
 
 
 @pytest.mark.parametrize("mode", ["weight_only", "int8"])

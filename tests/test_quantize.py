@@ -13,12 +13,12 @@ import onnxruntime  # noqa: F401  (the export runtimes must be installed: fail l
 import pytest
 from flax import nnx
 
-from mobiledistill import checkpoint as ckpt
 from mobiledistill import export, export_stage, quantize
 from mobiledistill.errors import ConfigError
 from mobiledistill.export_source import Source
 from mobiledistill.models import PreTrainingModel, SequenceClassificationModel, SpanModel, preset
 from mobiledistill.strategies.peakd import paired_plan
+from test_export import fake_finetune_run
 
 VOCAB = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n" + "".join(f"w{i}\n" for i in range(92))  # 97 = the test presets'
 OUTLIERS = [3, 11, 20]
@@ -248,25 +248,12 @@ def test_equalised_int8_keeps_the_ordinary_channels(tmp_path, name, compensated,
     assert json.loads((out / "export.json").read_text())["equalization"]["scales"] == eq["scales"]
 
 
-def _fake_run(workdir, model, vocab_path):
-    os.makedirs(workdir)
-    info = {"task": "sst2", "kind": "classification", "num_labels": model.num_labels,
-            "encoder": model.encoder.cfg.to_dict(), "tokenizer": vocab_path, "seeds": [0], "init": "preset",
-            "teacher": ""}
-    with open(os.path.join(workdir, "model.json"), "w") as f:
-        json.dump(info, f, default=str)
-    cp = ckpt.StageCheckpoints(os.path.join(workdir, "seed_0"), async_save=False)
-    cp.save(3, nnx.state(model, nnx.Param), {"count": np.zeros((), np.int32)}, {"epoch": 0})
-    cp.mark_done({"final_step": 3})
-    cp.close()
-    return workdir
-
-
 @pytest.mark.slow
 def test_cli_equalize_flags(tmp_path, capsys):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text(VOCAB)
-    run = _fake_run(str(tmp_path / "run"), outlier_model("test_mobilebert", False), str(vocab))
+    run = fake_finetune_run(str(tmp_path / "run"), outlier_model("test_mobilebert", False), "sst2", "classification",
+                            str(vocab))
     out = tmp_path / "eq"
     assert export.run([f"--from={run}", f"--to={out}", "--format=onnx", "--quantize=dynamic", "--seq_len=16",
                        "--calibration=8"]) == 0
@@ -283,7 +270,7 @@ def test_cli_equalize_flags(tmp_path, capsys):
     assert export.run([f"--from={run}", f"--to={out}", "--format=hf"]) == 0
     assert "equalization" not in json.loads((out / "export.json").read_text())
     capsys.readouterr()
-    ln_run = _fake_run(str(tmp_path / "ln"), build("test_bert", "cls"), str(vocab))
+    ln_run = fake_finetune_run(str(tmp_path / "ln"), build("test_bert", "cls"), "sst2", "classification", str(vocab))
     for args, expected in (([f"--from={ln_run}", "--quantize=dynamic", "--equalize"], "--equalize: residual "
                             "equalisation needs normalization_type='no_norm'"),
                            ([f"--from={run}", "--equalize"], "--equalize rescales the int8 file"),
