@@ -17,6 +17,9 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import finetune_glue  # noqa: E402
 
+# benchmark scripts on tiny shapes: left to `-m slow` (CI runs it) to keep the default suite short
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def sst2_run(tmp_path_factory):

@@ -6,7 +6,12 @@ import json
 import math
 import os
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# benchmark scripts on tiny shapes: left to `-m slow` (CI runs it) to keep the default suite short
+pytestmark = pytest.mark.slow
 
 
 def load_benchmark(name):

@@ -245,6 +245,7 @@ def test_export_finetune_run_every_format_verified(sst2_run, tmp_path):
     assert os.path.exists(out / "tokenizer" / "vocab.txt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,kind,formats,quantize", [
     ("span_run", "span", "hf,onnx", "dynamic"),
     ("stsb_run", "classification", "onnx", "dynamic"),

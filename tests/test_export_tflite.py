@@ -63,6 +63,7 @@ def check_tflite(out, kind, seq_len) -> dict:
     return record
 
 
+@pytest.mark.slow
 def test_tflite_classification_verified_equalised_and_scored(sst2_run, tmp_path):
     out = tmp_path / "out"
     assert run_export(f"--from={sst2_run}", f"--to={out}", "--format=tflite", "--quantize=dynamic",

@@ -191,6 +191,7 @@ def plain_run(tmp_path_factory):
     return fake_finetune_run(str(base / "run"), model, "sst2", "classification", str(base / "vocab.txt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["weight_only", "int8"])
 def test_weight_only_and_static_int8_round_trip(plain_run, tmp_path, mode):
     out = tmp_path / mode

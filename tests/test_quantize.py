@@ -210,8 +210,10 @@ INT8_CASES = [("test_mobilebert", True, "cls"), ("test_mobilebert", False, "cls"
               ("test_mobilebert", True, "pretraining")]
 
 
-@pytest.mark.parametrize("name,compensated,kind", INT8_CASES,
-                         ids=[f"{n}-{'compensated' if c else 'uncompensated'}-{k}" for n, c, k in INT8_CASES])
+# the default suite keeps the first case; CI runs all of them with -m slow
+@pytest.mark.parametrize("name,compensated,kind", [
+    pytest.param(*c, marks=() if i == 0 else pytest.mark.slow,
+                 id=f"{c[0]}-{'compensated' if c[1] else 'uncompensated'}-{c[2]}") for i, c in enumerate(INT8_CASES)])
 def test_equalised_int8_keeps_the_ordinary_channels(tmp_path, name, compensated, kind):
     src = _source(outlier_model(name, compensated, kind), tmp_path)
     out = tmp_path / "out"
