@@ -4,29 +4,18 @@ asserted: they depend on the machine's load)."""
 
 import json
 import os
-import sys
 
 import pytest
 import tensorflow_datasets as tfds
 
-from mobiledistill import export, finetune
+from mobiledistill import export
 from test_benchmark_inference import load_benchmark
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-
-import finetune_glue  # noqa: E402
+from test_export import sst2_run  # noqa: F401  (the same tiny finished SST-2 run)
 
 # benchmark scripts on tiny shapes: left to `-m slow` (CI runs it) to keep the default suite short
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def sst2_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("runs") / "sst2")
-    with tfds.testing.mock_data(num_examples=10):
-        finetune.run(finetune_glue.get_config("task=sst2,tiny=1,seeds=1,init=preset:test_mobilebert"), workdir)
-    return workdir
 
 
 def test_export_benchmark_tiny(sst2_run, tmp_path, monkeypatch):
