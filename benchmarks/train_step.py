@@ -1,14 +1,17 @@
 """Train-step speed, MFU, compile time and memory of full-size models, and the PyTorch baseline (SPEC §9).
 
     .venv/bin/python benchmarks/train_step.py                 # all parts, ~6-10 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/train_step.py --parts=a,d     # some parts: a b c d (memory is reported by each)
+    .venv/bin/python benchmarks/train_step.py --parts=a,d     # some parts: a b c d e (memory is reported by each)
 
 (a) MobileBERT MLM+NSP train step (AdamW, dropout on), batch 8 x seq 128: ours (jit, fp32) with all 128 positions
     labelled and with 20 gathered predictions, vs transformers' MobileBertForPreTraining in PyTorch eager and
-    torch.compile with all 128 positions labelled (the same work as our 'all' variant).
+    torch.compile given the same work: all 128 positions labelled (its own loss), and its prediction head on the
+    hidden states gathered at the same 20 positions.
 (b) Progressive knowledge transfer step at layers k = 0, 11, 23 (IB-BERT_LARGE teacher forward to layer k, student
     MobileBERT to layer k, the paper's losses and LAMB).
 (c) Pre-training distillation step (full teacher forward + full student train step).
+(e) Pre-training distillation with the offline teacher (`--top-k` stored teacher logits per masked position read
+    from the batch, no teacher forward) vs the online PD step of (c).
 (d) Compile time of the 24-layer MobileBERT train step, layers scanned vs unrolled (and scanned with SGD instead of
     AdamW, to separate the optimizer update's share).
 Part (a) also profiles our 20-prediction step: every dot of its optimised HLO timed alone at its shapes (the matmul
@@ -22,6 +25,7 @@ matmuls), XLA's compiled memory analysis and the process peak RSS. Writes benchm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -43,7 +47,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mobiledistill import config as config_lib  # noqa: E402
-from mobiledistill import perf, steps  # noqa: E402
+from mobiledistill import perf, steps, teacher_topk  # noqa: E402
 from mobiledistill.models import PreTrainingModel, forward_flops, preset  # noqa: E402
 from mobiledistill.optim import OptimizerConfig  # noqa: E402
 from mobiledistill.strategies import Stage, build_stages  # noqa: E402
@@ -96,15 +100,16 @@ def memory(compiled) -> dict:
 
 
 def compile_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, seed: int = 0, batch: int = B,
-                 seq: int = S):
-    """(compiled train step, its arguments, compile seconds)."""
+                 seq: int = S, extra: dict | None = None):
+    """(compiled train step, its arguments, compile seconds); `extra` arrays join the batch."""
     graphdef, params = nnx.split(PreTrainingModel(cfg, nnx.Rngs(seed)), nnx.Param)
     t_graphdef = t_params = None
     if teacher_cfg is not None:
         t_graphdef, t_params = nnx.split(PreTrainingModel(teacher_cfg, nnx.Rngs(seed + 1)), nnx.Param)
     tx, step = steps.make_train_step(stage, graphdef, params, t_graphdef)
     opt_state = tx.init(params)
-    data = {k: jnp.asarray(v) for k, v in make_batch(cfg.vocab_size, predictions, seed, batch, seq).items()}
+    data = {k: jnp.asarray(v) for k, v in {**make_batch(cfg.vocab_size, predictions, seed, batch, seq),
+                                            **(extra or {})}.items()}
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, t_params, data, jax.random.key(0))
     compiled = compiled.compile()
@@ -112,11 +117,11 @@ def compile_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, seed
 
 
 def time_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, repeats: int = 5, seed: int = 0,
-              profile_peak: float | None = None, batch: int = B, seq: int = S) -> dict:
+              profile_peak: float | None = None, batch: int = B, seq: int = S, extra: dict | None = None) -> dict:
     """Compile and time one jitted train step; returns timings, FLOPs and memory (and `profile` against
     `profile_peak` FLOP/s when given)."""
     compiled, (params, opt_state, t_params, batch), compile_s = compile_ours(stage, cfg, teacher_cfg, predictions,
-                                                                             seed, batch, seq)
+                                                                             seed, batch, seq, extra)
     key = jax.random.key(0)
     times = []
     for i in range(repeats + 1):
@@ -175,8 +180,10 @@ def mlm_stage(name="mlm_nsp") -> Stage:
                  losses={"mlm": {"weight": 1.0}, "nsp": {"weight": 1.0}})
 
 
-def time_torch(cfg, repeats: int, compiled: bool) -> dict:
-    """transformers MobileBertForPreTraining, all positions labelled, AdamW, train mode (dropout on)."""
+def time_torch(cfg, repeats: int, compiled: bool, predictions: int = S) -> dict:
+    """transformers MobileBertForPreTraining, AdamW, train mode (dropout on): all positions labelled (its own
+    loss), or `predictions` gathered positions per sequence (its prediction head on the gathered hidden states,
+    as ours does)."""
     import torch
     import transformers
 
@@ -187,17 +194,30 @@ def time_torch(cfg, repeats: int, compiled: bool) -> dict:
     model = transformers.MobileBertForPreTraining(transformers.MobileBertConfig(**hf))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    b = make_batch(cfg.vocab_size, S)
-    inputs = dict(input_ids=torch.tensor(b["input_ids"], dtype=torch.long),
-                  token_type_ids=torch.tensor(b["token_type_ids"], dtype=torch.long),
-                  attention_mask=torch.tensor(b["attention_mask"], dtype=torch.long),
-                  labels=torch.tensor(b["input_ids"], dtype=torch.long),
-                  next_sentence_label=torch.tensor(b["next_sentence_labels"], dtype=torch.long))
-    fwd = torch.compile(model) if compiled else model
+    b = {k: torch.tensor(v) for k, v in make_batch(cfg.vocab_size, predictions).items()}
+    inputs = dict(input_ids=b["input_ids"].long(), token_type_ids=b["token_type_ids"].long(),
+                  attention_mask=b["attention_mask"].long())
+    if predictions == S:
+        fwd = torch.compile(model) if compiled else model
+        labels = dict(labels=inputs["input_ids"], next_sentence_label=b["next_sentence_labels"].long())
+
+        def loss_fn():
+            return fwd(**inputs, **labels).loss
+    else:
+        def gathered():
+            seq_out, pooled = model.mobilebert(**inputs, return_dict=False)[:2]
+            pos = b["masked_lm_positions"].long()
+            hidden = torch.gather(seq_out, 1, pos[..., None].expand(-1, -1, seq_out.shape[-1]))
+            mlm = model.cls.predictions(hidden)
+            nsp = model.cls.seq_relationship(pooled)
+            ce = torch.nn.functional.cross_entropy
+            return (ce(mlm.reshape(-1, mlm.shape[-1]), b["masked_lm_ids"].reshape(-1).long())
+                    + ce(nsp, b["next_sentence_labels"].long()))
+        loss_fn = torch.compile(gathered) if compiled else gathered
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = fwd(**inputs).loss
+        loss = loss_fn()
         loss.backward()
         opt.step()
         return float(loss)
@@ -222,9 +242,10 @@ def paper_stages():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="a,b,c,d")
+    ap.add_argument("--parts", default="a,b,c,d,e")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--teacher-repeats", type=int, default=2)
+    ap.add_argument("--top-k", type=int, default=64, help="(e): teacher logits stored per masked position")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     out = dict(machine=machine(), batch=B, seq_len=S, predictions=P, dtype="float32")
@@ -255,17 +276,20 @@ def main():
                                                      profile_peak=peak), flops_20, 0.0, peak)
         res["ours_20_predictions_scan"] = rates(time_ours(mlm_stage(), student.replace(scan_layers=True),
                                                           predictions=P, repeats=args.repeats), flops_20, 0.0, peak)
-        res["torch_eager_all_positions"] = rates(time_torch(student, args.repeats, False), flops_all, 0.0, peak)
-        out["a_mobilebert_train_step"] = res
-        save()
-        try:
-            res["torch_compile_all_positions"] = rates(time_torch(student, args.repeats, True), flops_all, 0.0, peak)
-        except Exception as e:  # inductor needs a C++ compiler; record why it is missing
-            res["torch_compile_all_positions"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
-        eager = res["torch_eager_all_positions"]["median_ms"]
-        comp = res["torch_compile_all_positions"].get("median_ms")
-        for r in (res["ours_all_positions"], res["ours_20_predictions"], res["ours_20_predictions_scan"]):
-            r["speedup_vs_torch_eager"] = eager / r["median_ms"]
+        for work, n, flops in (("all_positions", S, flops_all), ("20_predictions", P, flops_20)):
+            res[f"torch_eager_{work}"] = rates(time_torch(student, args.repeats, False, n), flops, 0.0, peak)
+            out["a_mobilebert_train_step"] = res
+            save()
+            try:
+                res[f"torch_compile_{work}"] = rates(time_torch(student, args.repeats, True, n), flops, 0.0, peak)
+            except Exception as e:  # inductor needs a C++ compiler; record why it is missing
+                res[f"torch_compile_{work}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+        # Each of ours against PyTorch given the same work (all positions, or the same 20 gathered predictions).
+        for name, work in (("ours_all_positions", "all_positions"), ("ours_20_predictions", "20_predictions"),
+                           ("ours_20_predictions_scan", "20_predictions")):
+            r = res[name]
+            r["speedup_vs_torch_eager"] = res[f"torch_eager_{work}"]["median_ms"] / r["median_ms"]
+            comp = res[f"torch_compile_{work}"].get("median_ms")
             if comp:
                 r["speedup_vs_torch_compile"] = comp / r["median_ms"]
         for name, r in res.items():
@@ -278,7 +302,7 @@ def main():
         save()
 
     teacher = tstages = None
-    if "b" in parts or "c" in parts:
+    if parts & {"b", "c", "e"}:
         teacher, _, tstages = paper_stages()
         teacher, student_s = teacher.replace(scan_layers=True), student.replace(scan_layers=True)
     if "b" in parts:
@@ -297,6 +321,26 @@ def main():
         r = rates(time_ours(stage, student_s, teacher, repeats=args.teacher_repeats), sf, tf, peak)
         out["c_pd_step"] = r
         show("(c) pre-training distillation", r)
+        save()
+    if "e" in parts:
+        # PD with the offline teacher: the student's step reads the teacher's stored top-k logits from the batch
+        # (mobiledistill/teacher_topk.py) instead of running the 24-layer IB-BERT_LARGE teacher.
+        stage = tstages["pd"]
+        sf, tf = perf.stage_flops(stage, student_s, teacher, S, P)
+        res = {"top_k": args.top_k}
+        online = out.get("c_pd_step") if "c" in parts else None
+        res["online"] = online or rates(time_ours(stage, student_s, teacher, repeats=args.teacher_repeats), sf, tf,
+                                        peak)
+        rng = np.random.default_rng(1)
+        extra = dict(teacher_mlm_topk_values=-np.sort(-rng.normal(size=(B, P, args.top_k)), -1).astype(np.float32),
+                     teacher_mlm_topk_indices=rng.integers(0, student.vocab_size, (B, P, args.top_k), np.int32))
+        off_stage = teacher_topk.offline_stage(dataclasses.replace(stage, teacher_top_k=args.top_k))
+        res["offline"] = rates(time_ours(off_stage, student_s, repeats=args.repeats, extra=extra), sf, 0.0, peak)
+        res["speedup_offline_vs_online"] = res["online"]["median_ms"] / res["offline"]["median_ms"]
+        res["stored_bytes_per_step"] = int(B * P * args.top_k * 8)
+        out["e_pd_offline_teacher"] = res
+        show("(e) PD, offline teacher", res["offline"])
+        print(f"(e) offline vs online teacher: {res['speedup_offline_vs_online']:.2f}x", flush=True)
         save()
     if "d" in parts:
         res = {}

@@ -107,6 +107,8 @@ def pretraining_config() -> ml_collections.ConfigDict:
     c.pd.alpha = 0.5
     c.pd.temperature = 1.0
     c.pd.bias_correction = True
+    c.pd.teacher_top_k = 0  # > 0: offline teacher, its top-k MLM logits stored once and read (teacher_topk.py)
+    c.pd.teacher_topk_epochs = 1.0  # passes over the corpus (each its own masking) the stored batches cover
     c.pd.relations = ml_collections.ConfigDict()  # extra PD terms {name: {weight, ...}} (configs/ckd.py); none here
 
     c.scratch_baseline = False
@@ -214,6 +216,15 @@ def validate(c: ml_collections.ConfigDict, teacher: EncoderConfig, student: Enco
             bad(f"{section}.lr={c[section].lr} must be > 0")
     if not 0.0 <= c.pd.alpha <= 1.0:
         bad(f"pd.alpha={c.pd.alpha}; valid: 0 <= alpha <= 1")
+    k, epochs = c.pd.get("teacher_top_k", 0), c.pd.get("teacher_topk_epochs", 1)
+    if (not (isinstance(k, int) and k >= 0) or isinstance(epochs, bool) or not isinstance(epochs, (int, float))
+            or not epochs > 0):
+        bad(f"pd.teacher_top_k={k!r}, pd.teacher_topk_epochs={epochs!r}; valid: top_k an integer >= 0 (0 = the "
+            f"teacher runs every step) and epochs a number > 0 (passes over the corpus; 0.5 = half of it)")
+    if k and (c.pd.get("relations") or c.strategy == "auxiliary"):
+        bad(f"pd.teacher_top_k={k}: an offline teacher stores only MLM logits, and "
+            + ("pd.relations need its hidden states" if c.pd.get("relations") else
+               "strategy='auxiliary' transfers its feature maps every step") + "; set pd.teacher_top_k=0")
     if c.pkt.loss_normalizer not in PKT_LOSS_NORMALIZERS:
         bad(f"pkt.loss_normalizer={c.pkt.loss_normalizer!r}; valid: {', '.join(PKT_LOSS_NORMALIZERS)}")
     if not c.pkt.ln_eps > 0:

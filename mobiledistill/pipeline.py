@@ -104,14 +104,17 @@ def describe(c, teacher, student, stages, num_devices: int) -> str:
         abstract = abstract_model(cfg)[1]
         mask = trainable_mask(abstract, stage.optimizer.lr_scales, stage.optimizer.default_lr_scale)
         trainable = sum(int(x.size) for x, m in zip(jax.tree.leaves(abstract), jax.tree.leaves(mask)) if m)
-        sf, tf = perf.stage_flops(stage, cfg, teacher if stage.teacher_from else None, seq, preds)
+        online_teacher = stage.teacher_from and not stage.teacher_top_k  # an offline one was run before the stage
+        sf, tf = perf.stage_flops(stage, cfg, teacher if online_teacher else None, seq, preds)
         per_step = (sf + tf) * c.train.global_batch
         total_flops += per_step * stage.steps
         mem = perf.memory_estimate(stage, cfg, teacher, count_params(abstract), trainable,
                                    t_params if stage.teacher_from else 0, micro, seq, fsdp)
         out.append(f"{stage.name:10s} {stage.steps:8d} {stage.trains:8s} {stage.num_layers or len(cfg.plan):6d} "
                    f"{trainable:12,d} {per_step / 1e12:11.1f} {tf * c.train.global_batch / 1e12:10.1f} "
-                   f"{mem['total']:10.2f}  " + ", ".join(stage.losses))
+                   f"{mem['total']:10.2f}  " + ", ".join(stage.losses)
+                   + (f" (offline teacher: its top {stage.teacher_top_k} MLM logits stored for "
+                      f"{stage.teacher_topk_epochs:g} epoch(s))" if stage.teacher_top_k else ""))
     out.append(f"\ntotal {total_flops / 1e18:.1f} EFLOP; memory = f32 parameters + gradients and LAMB moments "
                f"of trainable ones + teacher parameters + activations (estimate)")
     return "\n".join(out)

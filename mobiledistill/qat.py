@@ -145,9 +145,7 @@ def calibrate(graphdef, params, batches, forward, momentum: float = 0.9):
 
     @jax.jit
     def stats(state, batch):
-        m = nnx.merge(obs_def, state)
-        forward(m, batch)
-        found = nnx.pop(m, nnx.Intermediate)
+        _, found = nnx.capture(forward, nnx.Intermediate)(nnx.merge(obs_def, state), batch)
         return {"/".join(map(str, p[:-1])): jnp.stack([jnp.min(jnp.stack([t[0] for t in v.get_value()])),
                                                         jnp.max(jnp.stack([t[1] for t in v.get_value()]))])
                 for p, v in nnx.to_flat_state(found)}

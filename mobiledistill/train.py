@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mobiledistill import checkpoint as ckpt
-from mobiledistill import convert, perf, sharding, steps
+from mobiledistill import convert, perf, sharding, steps, teacher_topk
 from mobiledistill.data import PretrainingConfig, PretrainingIterator
 from mobiledistill.metrics import StageMetrics
 from mobiledistill.models import EncoderConfig, PreTrainingModel
@@ -266,7 +266,9 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
     if c.train.nonfinite == "skip":
         stage = dataclasses.replace(stage, optimizer=dataclasses.replace(stage.optimizer, skip_nonfinite=True))
 
-    tx, step_fn = steps.make_train_step(stage, graphdef, abstract, teacher[0], c.train.accumulation_steps)
+    offline = stage.teacher_top_k > 0  # the teacher's stored top-k logits come with the batches (teacher_topk.py)
+    tx, step_fn = steps.make_train_step(teacher_topk.offline_stage(stage) if offline else stage, graphdef, abstract,
+                                        None if offline else teacher[0], c.train.accumulation_steps)
     o_shard = sharding.tree_shardings(jax.eval_shape(tx.init, abstract), ctx.mesh)
     jit_step = jax.jit(step_fn, out_shardings=(p_shard, o_shard, sharding.replicated(ctx.mesh)),
                        donate_argnums=(0, 1))
@@ -275,6 +277,8 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
     data = PretrainingIterator(ctx.train_corpus, ctx.tokenizer, global_batch_size=c.train.global_batch,
                                config=ctx.data_config, seed=ctx.stage_seed(stage),
                                sharding=sharding.batch_sharding(ctx.mesh))
+    if offline:
+        data = teacher_topk.prepare(stage_dir, stage, teacher, data, ctx.mesh, label)
     # The final checkpoint (step == stage.steps) holds the student alone: it is what the next stage reads.
     final = bool(stage.projections) and checkpoints.latest_step() == stage.steps
     like_p = _with_shardings(projection.drop(abstract) if final else abstract,
@@ -293,7 +297,7 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
             ckpt.write_json_atomic(stage_dir / "init_from_teacher.json", init_report)
 
     seq, preds = c.data.max_seq_length, ctx.data_config.max_predictions
-    flops = perf.stage_flops(stage, cfg, ctx.teacher_cfg if stage.teacher_from else None, seq, preds)
+    flops = perf.stage_flops(stage, cfg, ctx.teacher_cfg if stage.teacher_from and not offline else None, seq, preds)
     n_dev = jax.device_count()
     log = StageMetrics(stage_dir, stage.name, stage.steps, start, label, c.train.global_batch * seq,
                        (flops[0] * c.train.global_batch / n_dev, flops[1] * c.train.global_batch / n_dev),
@@ -313,7 +317,8 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
                 saved=lambda done, p: projection.drop(p) if done == stage.steps else p,  # the final one: the student
                 fault_name=stage.name)
     try:
-        params, opt_state = fit(jit_step, params, opt_state, teacher[1], data, base_key, start, stage.steps, loop)
+        params, opt_state = fit(jit_step, params, opt_state, None if offline else teacher[1], data, base_key, start,
+                                stage.steps, loop)
         params = projection.drop(params)  # the stage's projections end here
         if start < stage.steps or checkpoints.latest_step() is None:  # else: killed after its final save
             checkpoints.save(stage.steps, params, opt_state, data.get_state())

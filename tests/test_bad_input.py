@@ -91,6 +91,10 @@ CASES = [
     ("student deeper", [PRE, "--dry_run", "--config.student.num_hidden_layers=30"], ["no deeper than its teacher"]),
     ("nonfinite", [PRE, "--dry_run", "--config.train.nonfinite=maybe"], ["train.nonfinite='maybe'", "'skip'"]),
     ("alpha", [PRE, "--dry_run", "--config.pd.alpha=2.0"], ["pd.alpha=2.0", "0 <= alpha <= 1"]),
+    ("offline teacher k", [PRE, "--dry_run", "--config.pd.teacher_top_k=-3"],
+     ["pd.teacher_top_k=-3", "integer >= 0"]),
+    ("offline teacher auxiliary", ["--config=configs/auxiliary.py:local", "--dry_run", "--config.pd.teacher_top_k=8"],
+     ["pd.teacher_top_k=8", "strategy='auxiliary'", "set pd.teacher_top_k=0"]),
     ("batch vs devices", [PRE, "--dry_run", "--config.train.global_batch=12", "--devices=8"],
      ["not divisible by the 8 devices"]),
     ("config file missing", ["--config=configs/nope.py", "--dry_run"], ["nope.py"]),
@@ -237,7 +241,7 @@ def _fake_runs(d):
 
 
 # Cases of a kind the default suite already covers, left to `-m slow` (CI runs both) to keep the default suite short.
-SLOW = {"wrong type", "bad activation", "nonfinite", "alpha", "config file syntax", "finetune bad task", "positional",
+SLOW = {"wrong type", "bad activation", "nonfinite", "alpha", "offline teacher auxiliary", "config file syntax", "finetune bad task", "positional",
         "bad flag value", "finetune without workdir", "huge undecodable line", "jsonl not JSON", "bad source kind",
         "finetune missing column", "vocab not UTF-8", "finetune tokenizer missing", "hf config only",
         "ptp init not a run", "eval without a run", "stage init missing", "export from missing dir",

@@ -190,6 +190,10 @@ class PretrainingIterator(Iterator[dict[str, Any]]):
     def _shard_size(self, source: int) -> int:
         return len(range(self.process_index, len(self.corpora[source]), self.process_count))
 
+    def documents_per_epoch(self) -> int:
+        """Documents of this process's shards, all sources together: one pass over its share of the data."""
+        return sum(self._shard_size(s) for s in range(len(self.corpora)))
+
     def _source_for_step(self, step: int) -> int:
         if len(self.corpora) == 1:
             return 0

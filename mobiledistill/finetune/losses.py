@@ -5,7 +5,7 @@ from __future__ import annotations
 from mobiledistill.finetune.sources import Teacher
 from mobiledistill.losses import distill
 from mobiledistill.losses._util import field
-from mobiledistill.losses.registry import make_loss, register_loss
+from mobiledistill.losses.registry import register_loss
 
 # Teacher terms that need only the teacher's head outputs: their teacher can be run once and cached.
 LOGIT_ONLY_TERMS = ("logit_kd", "kl_kd", "regression_kd", "span_kd")
@@ -29,16 +29,6 @@ def _span_kd(temperature: float = 1.0, t_squared: bool = False):
         return 0.5 * sum(distill.soft_cross_entropy(field(s, k), field(t, k), temperature, t_squared=t_squared,
                                                     weights=w) for k in ("start_logits", "end_logits"))
     return fn
-
-
-@register_loss("batch_teacher")
-def _batch_teacher(inner: str, **params):
-    """Runs term `inner` against teacher outputs carried in the batch as `teacher_<name>` (cached logits)."""
-    fn = make_loss(inner, **params)
-
-    def wrapped(t, s, b):
-        return fn({k[len("teacher_"):]: v for k, v in b.items() if k.startswith("teacher_")}, s, b)
-    return wrapped
 
 
 def loss_spec(c, kind: str, num_labels: int, teacher: Teacher | None) -> tuple[dict, bool]:

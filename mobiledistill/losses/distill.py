@@ -22,6 +22,12 @@ def _label_log_prob(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.take_along_axis(log_probs, idx[..., None], axis=-1)[..., 0]
 
 
+def _soft_ce(logits: jax.Array, lse: jax.Array, p: jax.Array, ids: jax.Array | None = None) -> jax.Array:
+    """-sum_j p_j log_softmax(logits)_{ids_j} = lse - sum_j p_j logits_{ids_j} (p sums to 1; every id if None)."""
+    at = logits if ids is None else jnp.take_along_axis(logits, jnp.asarray(ids, jnp.int32), axis=-1)
+    return lse - jnp.sum(p * at, axis=-1)
+
+
 def _weighted_mean(values: jax.Array, weights: jax.Array | None, eps: float | None = None):
     """Mean over examples; with weights sum(w * v) / (sum(w) + eps), or / max(sum(w), 1e-12)."""
     if weights is None:
@@ -40,6 +46,7 @@ def mlm_distill_loss(
     *,
     alpha: float = 0.5,
     temperature: float = 1.0,
+    teacher_indices: jax.Array | None = None,
 ) -> jax.Array:
     """Pre-training distillation MLM loss (official `get_masked_lm_output` with soft targets).
 
@@ -48,14 +55,20 @@ def mlm_distill_loss(
     official code); reduction sum(weights * loss) / (sum(weights) + 1e-5).
     Shapes: logits [B, P, V] gathered at the masked positions, labels / weights [B, P].
     `teacher_logits=None` requires alpha=1 (plain MLM). The one-hot is never materialised.
+    Offline teacher (`teacher_indices` [B, P, k]): `teacher_logits` [B, P, k] are the teacher's k largest logits at
+    those vocabulary ids; its soft target is their softmax (the mass outside the top k dropped and the rest
+    renormalised); k = V with all ids gives the full loss.
     """
-    log_s = jax.nn.log_softmax(f32(student_logits), axis=-1)
-    per = -alpha * _label_log_prob(log_s, labels) if alpha != 0 else jnp.zeros(log_s.shape[:-1])
+    # log_softmax(s)_v = s_v - logsumexp(s): never materialised over the vocabulary (at 1,024 positions x 30,522 the
+    # [B, P, V] log-probabilities and their backward cost a third of the output layer; same values and gradients).
+    s = f32(student_logits)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    per = alpha * (lse - _label_log_prob(s, labels)) if alpha != 0 else jnp.zeros(lse.shape)
     if alpha != 1.0:
         if teacher_logits is None:
             raise ValueError(f"mlm_distill_loss: alpha={alpha} < 1 needs teacher_logits")
         p_t = jax.nn.softmax(teacher(teacher_logits) / temperature, axis=-1)
-        per = per - (1.0 - alpha) * jnp.sum(p_t * log_s, axis=-1)
+        per = per + (1.0 - alpha) * _soft_ce(s, lse, p_t, teacher_indices)
     return _weighted_mean(per, weights, eps=MLM_DENOMINATOR_EPS)
 
 

@@ -132,14 +132,25 @@ def _mlm() -> LossFn:
 
 @register_loss("mlm_distill")
 def _mlm_distill(alpha: float = 0.5, temperature: float = 1.0) -> LossFn:
-    return lambda t, s, b: distill.mlm_distill_loss(
-        field(s, "mlm_logits"),
-        b["masked_lm_ids"],
-        b["masked_lm_weights"],
-        field(t, "mlm_logits"),
-        alpha=alpha,
-        temperature=temperature,
-    )
+    """Against the teacher's `mlm_logits`, or its stored top k (`mlm_topk_values` / `mlm_topk_indices`, offline)."""
+    def fn(t, s, b):
+        topk = isinstance(t, Mapping) and "mlm_topk_values" in t
+        return distill.mlm_distill_loss(
+            field(s, "mlm_logits"), b["masked_lm_ids"], b["masked_lm_weights"],
+            field(t, "mlm_topk_values" if topk else "mlm_logits"), alpha=alpha, temperature=temperature,
+            teacher_indices=field(t, "mlm_topk_indices") if topk else None)
+    return fn
+
+
+@register_loss("batch_teacher")
+def _batch_teacher(inner: str, **params) -> LossFn:
+    """Runs term `inner` against teacher outputs carried in the batch as `teacher_<name>` (cached or stored
+    offline: fine-tuning's teacher logits, PD's top-k teacher logits)."""
+    fn = make_loss(inner, **params)
+
+    def wrapped(t, s, b):
+        return fn({k[len("teacher_"):]: v for k, v in b.items() if k.startswith("teacher_")}, s, b)
+    return wrapped
 
 
 @register_loss("nsp")

@@ -231,7 +231,8 @@ def pretraining_distillation(c, init_from: str) -> Stage:
     """All student parameters train on alpha * MLM + (1 - alpha) * teacher soft labels, plus NSP."""
     opt = _lamb(c.pd, c.pd.steps, "warmup_linear", end_lr_ratio=c.pd.end_lr_ratio)
     return Stage("pd", c.pd.steps, _pd_losses(c), opt, init="previous", init_from=init_from,
-                 teacher_from=_teacher_ref(c), eval="mlm")
+                 teacher_from=_teacher_ref(c), eval="mlm", teacher_top_k=int(c.pd.get("teacher_top_k", 0)),
+                 teacher_topk_epochs=float(c.pd.get("teacher_topk_epochs", 1.0)))
 
 
 def scratch_baseline(c) -> Stage:

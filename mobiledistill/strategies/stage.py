@@ -9,6 +9,15 @@ from mobiledistill.optim import OptimizerConfig
 
 TRAINS = ("student", "teacher")
 INITS = ("fresh", "previous", "teacher_copy", "checkpoint")
+TEACHER_FREE_TERMS = ("mlm", "nsp")  # loss terms that never read the teacher
+TOPK_TERMS = ("mlm_distill",)  # teacher terms an offline top-k teacher can serve
+
+
+def term_kind(name: str, spec: Mapping[str, Any]) -> str:
+    """The registered loss a term runs (its `loss`, default its name; the inner term of a `batch_teacher`)."""
+    spec = dict(spec)
+    kind = spec.get("loss", name)
+    return spec.get("inner", kind) if kind == "batch_teacher" else kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +36,10 @@ class Stage:
     num_layers / teacher_num_layers: run the student / teacher only this deep (progressive transfer).
     dropout: whether the trained model runs with dropout (distillation stages run without).
     eval: what to evaluate at the end ('mlm' = held-out MLM accuracy), or None.
+    teacher_top_k / teacher_topk_epochs: 0 = the teacher runs every step (the paper); k > 0 = offline teacher
+        (`teacher_topk`): its k largest MLM logits per masked position are stored once for the stage's own batches
+        over `teacher_topk_epochs` passes of the corpus, and the stage cycles through them without running it
+        (only for losses that read nothing but the teacher's MLM logits).
     projections: student hidden-state indices that get a learned student->teacher width projection, trained with the
         stage and dropped from the student it hands on (`strategies.projection`); loss terms read them with
         `projection=True`. Empty when the feature-map widths match.
@@ -45,6 +58,8 @@ class Stage:
     dropout: bool = False
     eval: Optional[str] = None
     projections: tuple[int, ...] = ()
+    teacher_top_k: int = 0
+    teacher_topk_epochs: float = 1.0
 
     def __post_init__(self):
         if self.trains not in TRAINS:
@@ -63,6 +78,16 @@ class Stage:
         if any(i < 0 for i in self.projections) or len(set(self.projections)) != len(self.projections):
             raise ValueError(f"stage {self.name!r}: projections={self.projections} must be distinct hidden-state "
                              f"indices >= 0")
+        if self.teacher_top_k:
+            terms = {n: term_kind(n, spec) for n, spec in self.losses.items()}
+            teacher_terms = sorted(n for n, kind in terms.items() if kind not in TEACHER_FREE_TERMS)
+            if not self.teacher_from or teacher_terms != sorted(n for n, k in terms.items() if k in TOPK_TERMS):
+                raise ValueError(f"stage {self.name!r}: teacher_top_k={self.teacher_top_k} needs a teacher and "
+                                 f"teacher terms that read only its MLM logits ({', '.join(TOPK_TERMS)}); "
+                                 f"this stage has {teacher_terms or 'none'}")
+            if self.teacher_top_k < 0 or not self.teacher_topk_epochs > 0:
+                raise ValueError(f"stage {self.name!r}: teacher_top_k={self.teacher_top_k}, teacher_topk_epochs="
+                                 f"{self.teacher_topk_epochs}; valid: k >= 1 and epochs > 0")
         projected = sorted(n for n, spec in self.losses.items() if dict(spec).get("projection", False))
         if projected and not self.projections:
             raise ValueError(f"stage {self.name!r}: loss terms {projected} use projections but the stage has none "
