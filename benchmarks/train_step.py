@@ -16,7 +16,9 @@
     AdamW, to separate the optimizer update's share).
 Part (a) also profiles our 20-prediction step: every dot of its optimised HLO timed alone at its shapes (the matmul
 floor) vs the whole step.
-Every step reports the median ms over repeats, sequences/s, MFU of the student (3 x forward FLOPs) and in total
+Part (a)'s variants, and (c) with (e), are built first and then timed in interleaved rounds (one step of each per
+round, the order rotating), so the drift of a shared machine slows them alike; the ratios are of the medians, and
+per round in the JSON. Every step reports the median ms over repeats, sequences/s, MFU of the student (3 x forward FLOPs) and in total
 (+ the teacher's forward) against the f32 matmul peak measured in the same run (fastest of 15 2048-square
 matmuls), XLA's compiled memory analysis and the process peak RSS. Writes benchmarks/results/train_step.json
 (updated after every measurement).
@@ -116,22 +118,51 @@ def compile_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, seed
     return compiled, (params, opt_state, t_params, data), time.perf_counter() - t0
 
 
+def ours_step(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, seed: int = 0, batch: int = B,
+              seq: int = S, extra: dict | None = None):
+    """(step(): one jitted train step run to completion, returning its metrics; compiled; compile seconds). The
+    step carries its parameters and optimizer state from call to call."""
+    compiled, (params, opt_state, t_params, data), compile_s = compile_ours(stage, cfg, teacher_cfg, predictions,
+                                                                            seed, batch, seq, extra)
+    state = dict(params=params, opt_state=opt_state, i=0)
+    key = jax.random.key(0)
+
+    def step():
+        state["params"], state["opt_state"], metrics = compiled(state["params"], state["opt_state"], t_params, data,
+                                                                jax.random.fold_in(key, state["i"]))
+        state["i"] += 1
+        return jax.block_until_ready(metrics)
+
+    return step, compiled, compile_s
+
+
+def interleaved(steps_: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, timed in rounds (one call of each per round, the order rotating), after one
+    untimed call each: a shared machine's drift then slows every variant alike and the ratios hold."""
+    for step in steps_.values():
+        step()
+    names, times = list(steps_), {name: [] for name in steps_}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            steps_[name]()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
 def time_ours(stage: Stage, cfg, teacher_cfg=None, predictions: int = P, repeats: int = 5, seed: int = 0,
               profile_peak: float | None = None, batch: int = B, seq: int = S, extra: dict | None = None) -> dict:
-    """Compile and time one jitted train step; returns timings, FLOPs and memory (and `profile` against
+    """Compile and time one jitted train step alone; returns timings, FLOPs and memory (and `profile` against
     `profile_peak` FLOP/s when given)."""
-    compiled, (params, opt_state, t_params, batch), compile_s = compile_ours(stage, cfg, teacher_cfg, predictions,
-                                                                             seed, batch, seq, extra)
-    key = jax.random.key(0)
-    times = []
-    for i in range(repeats + 1):
-        t = time.perf_counter()
-        params, opt_state, metrics = compiled(params, opt_state, t_params, batch, jax.random.fold_in(key, i))
-        jax.block_until_ready(metrics)
-        if i:  # the first call also pays one-time allocation
-            times.append(time.perf_counter() - t)
+    step, compiled, compile_s = ours_step(stage, cfg, teacher_cfg, predictions, seed, batch, seq, extra)
+    times = interleaved({"step": step}, repeats)["step"]
+    return ours_result(step, compiled, compile_s, times, profile_peak)
+
+
+def ours_result(step, compiled, compile_s: float, times: list[float], profile_peak: float | None = None) -> dict:
+    metrics = step()
     if not np.isfinite(float(metrics["loss"])):
-        raise RuntimeError(f"non-finite loss in {stage.name}")
+        raise RuntimeError("non-finite loss")
     out = dict(compile_s=compile_s, times_ms=[1e3 * t for t in times], median_ms=1e3 * statistics.median(times),
                loss=float(metrics["loss"]), memory=memory(compiled), rss_mb=rss_mb())
     if profile_peak:
@@ -180,10 +211,10 @@ def mlm_stage(name="mlm_nsp") -> Stage:
                  losses={"mlm": {"weight": 1.0}, "nsp": {"weight": 1.0}})
 
 
-def time_torch(cfg, repeats: int, compiled: bool, predictions: int = S) -> dict:
-    """transformers MobileBertForPreTraining, AdamW, train mode (dropout on): all positions labelled (its own
-    loss), or `predictions` gathered positions per sequence (its prediction head on the gathered hidden states,
-    as ours does)."""
+def torch_step(cfg, compiled: bool, predictions: int = S):
+    """(step(), seconds of its first call) for transformers' MobileBertForPreTraining, AdamW, train mode (dropout
+    on): all positions labelled (its own loss), or `predictions` gathered positions per sequence (its prediction
+    head on the gathered hidden states, as ours does)."""
     import torch
     import transformers
 
@@ -220,18 +251,15 @@ def time_torch(cfg, repeats: int, compiled: bool, predictions: int = S) -> dict:
         loss = loss_fn()
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     t0 = time.perf_counter()
     step()
-    first_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return dict(first_call_s=first_s, times_ms=[1e3 * t for t in times], median_ms=1e3 * statistics.median(times),
-                rss_mb=rss_mb())
+    return step, time.perf_counter() - t0
+
+
+def timed(times: list[float], **extra) -> dict:
+    return dict(extra, times_ms=[1e3 * t for t in times], median_ms=1e3 * statistics.median(times), rss_mb=rss_mb())
 
 
 def paper_stages():
@@ -267,31 +295,40 @@ def main():
 
     student = preset("mobilebert")
     if "a" in parts:
-        flops_all = 3.0 * forward_flops(student, S, mlm_positions=S, nsp=True)
-        flops_20 = 3.0 * forward_flops(student, S, mlm_positions=P, nsp=True)
-        res = {}
-        res["ours_all_positions"] = rates(time_ours(mlm_stage(), student, predictions=S, repeats=args.repeats),
-                                          flops_all, 0.0, peak)
-        res["ours_20_predictions"] = rates(time_ours(mlm_stage(), student, predictions=P, repeats=args.repeats,
-                                                     profile_peak=peak), flops_20, 0.0, peak)
-        res["ours_20_predictions_scan"] = rates(time_ours(mlm_stage(), student.replace(scan_layers=True),
-                                                          predictions=P, repeats=args.repeats), flops_20, 0.0, peak)
-        for work, n, flops in (("all_positions", S, flops_all), ("20_predictions", P, flops_20)):
-            res[f"torch_eager_{work}"] = rates(time_torch(student, args.repeats, False, n), flops, 0.0, peak)
-            out["a_mobilebert_train_step"] = res
-            save()
+        # Every variant is built first, then all are timed in interleaved rounds (`interleaved`).
+        flops = {"all_positions": 3.0 * forward_flops(student, S, mlm_positions=S, nsp=True),
+                 "20_predictions": 3.0 * forward_flops(student, S, mlm_positions=P, nsp=True)}
+        variants = {  # name: (workload, ours?, build)
+            "ours_all_positions": ("all_positions", True, lambda: ours_step(mlm_stage(), student, predictions=S)),
+            "ours_20_predictions": ("20_predictions", True, lambda: ours_step(mlm_stage(), student, predictions=P)),
+            "ours_20_predictions_scan": ("20_predictions", True,
+                                         lambda: ours_step(mlm_stage(), student.replace(scan_layers=True),
+                                                           predictions=P)),
+            "torch_eager_all_positions": ("all_positions", False, lambda: torch_step(student, False, S)),
+            "torch_compile_all_positions": ("all_positions", False, lambda: torch_step(student, True, S)),
+            "torch_eager_20_predictions": ("20_predictions", False, lambda: torch_step(student, False, P)),
+            "torch_compile_20_predictions": ("20_predictions", False, lambda: torch_step(student, True, P)),
+        }
+        res, built = {}, {}
+        for name, (_, _, build) in variants.items():
             try:
-                res[f"torch_compile_{work}"] = rates(time_torch(student, args.repeats, True, n), flops, 0.0, peak)
+                built[name] = build()
             except Exception as e:  # inductor needs a C++ compiler; record why it is missing
-                res[f"torch_compile_{work}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
-        # Each of ours against PyTorch given the same work (all positions, or the same 20 gathered predictions).
-        for name, work in (("ours_all_positions", "all_positions"), ("ours_20_predictions", "20_predictions"),
-                           ("ours_20_predictions_scan", "20_predictions")):
-            r = res[name]
-            r["speedup_vs_torch_eager"] = res[f"torch_eager_{work}"]["median_ms"] / r["median_ms"]
-            comp = res[f"torch_compile_{work}"].get("median_ms")
-            if comp:
-                r["speedup_vs_torch_compile"] = comp / r["median_ms"]
+                res[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+        times = interleaved({name: b[0] for name, b in built.items()}, args.repeats)
+        for name, b in built.items():
+            work, ours, _ = variants[name]
+            r = (ours_result(b[0], b[1], b[2], times[name], peak if name == "ours_20_predictions" else None)
+                 if ours else timed(times[name], first_call_s=b[1]))
+            res[name] = rates(r, flops[work], 0.0, peak)
+        # Each of ours against PyTorch given the same work, per round and as the ratio of medians.
+        for name in ("ours_all_positions", "ours_20_predictions", "ours_20_predictions_scan"):
+            work, r = variants[name][0], res[name]
+            for base, key in ((f"torch_eager_{work}", "eager"), (f"torch_compile_{work}", "compile")):
+                if base in times and name in times:
+                    r[f"speedup_vs_torch_{key}"] = res[base]["median_ms"] / r["median_ms"]
+                    r[f"speedup_vs_torch_{key}_per_round"] = [b / o for b, o in zip(times[base], times[name])]
+        out["a_mobilebert_train_step"] = res
         for name, r in res.items():
             if "median_ms" in r:
                 show(f"(a) {name}", r)
@@ -299,6 +336,7 @@ def main():
         print(f"(a) profile: {prof['dot_instructions']} dots ({prof['dot_gflop']:.0f} GFLOP) take "
               f"{prof['dot_ms_standalone']:.0f} ms standalone ({100 * prof['dot_fraction_of_peak']:.0f}% of peak) of "
               f"the {prof['step_ms']:.0f} ms step", flush=True)
+        del built, variants
         save()
 
     teacher = tstages = None
@@ -315,32 +353,29 @@ def main():
             show(f"(b) progressive k={k}", r)
             out["b_progressive_step"] = res
             save()
-    if "c" in parts:
+    if "c" in parts or "e" in parts:
+        # (c) the PD step with its teacher run every step; (e) the same step with the offline teacher: the student
+        # reads `--top-k` stored teacher logits per masked position from the batch (mobiledistill/teacher_topk.py).
+        # Both are built first and timed in interleaved rounds.
         stage = tstages["pd"]
         sf, tf = perf.stage_flops(stage, student_s, teacher, S, P)
-        r = rates(time_ours(stage, student_s, teacher, repeats=args.teacher_repeats), sf, tf, peak)
-        out["c_pd_step"] = r
-        show("(c) pre-training distillation", r)
-        save()
-    if "e" in parts:
-        # PD with the offline teacher: the student's step reads the teacher's stored top-k logits from the batch
-        # (mobiledistill/teacher_topk.py) instead of running the 24-layer IB-BERT_LARGE teacher.
-        stage = tstages["pd"]
-        sf, tf = perf.stage_flops(stage, student_s, teacher, S, P)
-        res = {"top_k": args.top_k}
-        online = out.get("c_pd_step") if "c" in parts else None
-        res["online"] = online or rates(time_ours(stage, student_s, teacher, repeats=args.teacher_repeats), sf, tf,
-                                        peak)
         rng = np.random.default_rng(1)
         extra = dict(teacher_mlm_topk_values=-np.sort(-rng.normal(size=(B, P, args.top_k)), -1).astype(np.float32),
                      teacher_mlm_topk_indices=rng.integers(0, student.vocab_size, (B, P, args.top_k), np.int32))
         off_stage = teacher_topk.offline_stage(dataclasses.replace(stage, teacher_top_k=args.top_k))
-        res["offline"] = rates(time_ours(off_stage, student_s, repeats=args.repeats, extra=extra), sf, 0.0, peak)
-        res["speedup_offline_vs_online"] = res["online"]["median_ms"] / res["offline"]["median_ms"]
+        online = ours_step(stage, student_s, teacher)
+        offline = ours_step(off_stage, student_s, extra=extra)
+        times = interleaved({"online": online[0], "offline": offline[0]}, args.teacher_repeats)
+        out["c_pd_step"] = rates(ours_result(*online, times["online"]), sf, tf, peak)
+        show("(c) pre-training distillation", out["c_pd_step"])
+        res = {"top_k": args.top_k, "offline": rates(ours_result(*offline, times["offline"]), sf, 0.0, peak)}
+        res["speedup_offline_vs_online"] = out["c_pd_step"]["median_ms"] / res["offline"]["median_ms"]
+        res["speedup_per_round"] = [a / b for a, b in zip(times["online"], times["offline"])]
         res["stored_bytes_per_step"] = int(B * P * args.top_k * 8)
         out["e_pd_offline_teacher"] = res
         show("(e) PD, offline teacher", res["offline"])
         print(f"(e) offline vs online teacher: {res['speedup_offline_vs_online']:.2f}x", flush=True)
+        del online, offline
         save()
     if "d" in parts:
         res = {}
