@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
             r["step_speedup_vs_online"] = r["median_steps_per_s"] / out["online"]["median_steps_per_s"]
         out["offline"][f"k={k}"] = r
         print(f"offline teacher k={k}: top-k mass {r['top_k_mass']:.4f}, PD {r['seconds']:.1f} s + cache build "
-              f"{r['cache_build_seconds']:.1f} s (, {r['cache_batches']} batches), step "
+              f"{r['cache_build_seconds']:.1f} s ({r['cache_batches']} batches), step "
               f"{r.get('step_speedup_vs_online', float('nan')):.2f}x online, held-out MLM accuracy "
               f"{r['eval_mlm_accuracy']:.4f} (online {out['online']['eval_mlm_accuracy']:.4f})", flush=True)
         save()

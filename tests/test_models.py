@@ -101,6 +101,22 @@ def test_dropout_only_with_rng_and_reproducible():
     assert not np.allclose(d1, det1) and not np.allclose(d1, d3)
 
 
+def test_dropout_keeps_the_rate_in_both_halves_of_each_random_word_and_rescales():
+    from mobiledistill.models.encoder import dropout
+    x = jnp.ones((64, 4097), jnp.float32)  # an odd last dimension: the last word's second half is unused
+    y = np.asarray(dropout(x, 0.1, jax.random.key(3)))
+    assert set(np.unique(y).tolist()) == {0.0, np.float32(1 / 0.9)}
+    kept = y != 0
+    sigma = np.sqrt(0.09 / kept.size)
+    assert abs(kept.mean() - 0.9) < 5 * sigma
+    for half in (kept[:, 0::2], kept[:, 1::2]):  # the low and the high 16 bits of each 32-bit word
+        assert abs(half.mean() - 0.9) < 5 * np.sqrt(0.09 / half.size)
+    other = np.asarray(dropout(x, 0.1, jax.random.key(4))) != 0
+    agree = 0.9 ** 2 + 0.1 ** 2  # independent keys, independent masks
+    assert abs((kept == other).mean() - agree) < 5 * np.sqrt(agree * (1 - agree) / kept.size)
+    assert np.asarray(dropout(x, 0.5, jax.random.key(3)) != 0).mean() == pytest.approx(0.5, abs=5 * 0.5 / 512)
+
+
 def test_mask_value_forms():
     ids = jnp.array([[2, 3, 4, 0, 0]])
     mask = jnp.array([[1, 1, 1, 0, 0]])

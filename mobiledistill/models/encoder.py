@@ -61,12 +61,21 @@ def token_mean(x: Array, mask: Array) -> Array:
     return (total / jnp.maximum(jnp.sum(w, axis=1), 1.0)).astype(x.dtype)
 
 
+def keep_mask(rng: Array, keep_prob: float, shape: tuple[int, ...]) -> Array:
+    """Bernoulli(keep_prob) from 16-bit uniforms, two per 32-bit threefry word: half the generator's work of
+    `jax.random.bernoulli` (the masks were ~15% of a MobileBERT train step on CPU). keep_prob is rounded to a multiple
+    of 2^-16 (0.9 -> 0.899994). The leading dimensions stay as they are, so the draw is sharded like `x`."""
+    *lead, last = shape
+    words = jax.random.bits(rng, (*lead, (last + 1) // 2), jnp.uint32)
+    u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*lead, -1)[..., :last]
+    return u16 < jnp.uint16(min(round(keep_prob * 65536), 65535))
+
+
 def dropout(x: Array, rate: float, rng: Optional[Array]) -> Array:
     """Inverted dropout; identity when `rng` is None (deterministic mode) or the rate is 0."""
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    return jnp.where(keep_mask(rng, 1.0 - rate, x.shape), x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def _sub_rng(rng: Optional[Array], site: int) -> Optional[Array]:
