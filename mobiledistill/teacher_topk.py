@@ -141,7 +141,7 @@ def prepare(stage_dir: epath.Path, stage: Stage, teacher, data, mesh, label: str
         reader.count = int(meta["batches"])
         return reader
 
-    start, mass, weight = _resume_point(reader, data)
+    start, mass, weight, read = _resume_point(reader, data)
     fn = jax.jit(make_topk_fn(stage, teacher[0], stage.teacher_top_k))
     per_epoch = data.documents_per_epoch()
     goal = max(1, math.ceil(stage.teacher_topk_epochs * per_epoch))
@@ -150,7 +150,7 @@ def prepare(stage_dir: epath.Path, stage: Stage, teacher, data, mesh, label: str
         print(f"{label} offline teacher: storing its top {stage.teacher_top_k} MLM logits for "
               f"{stage.teacher_topk_epochs} pass(es) over the corpus ({goal} documents per process)"
               + (f", resuming at batch {start}" if start else ""), flush=True)
-    done = start > 0 and _read_done(reader, start - 1, goal)
+    done = start > 0 and _agree(read >= goal)
     while not done:
         batch = data.next_numpy()
         values, ids, m, w = fn(teacher[1], to_global(batch, batch_sharding))
@@ -202,8 +202,8 @@ def _read_meta(path: epath.Path) -> dict:
                                    f"offline-teacher cache") from None
 
 
-def _resume_point(reader: TopKBatches, data) -> tuple[int, float, float]:
-    """(batches already stored, their mass and weight sums), the iterator moved past them. Stored files are read
+def _resume_point(reader: TopKBatches, data) -> tuple[int, float, float, int]:
+    """(batches already stored, their mass and weight sums, documents read), the iterator moved past them. Stored files are read
     from the first on; the first unreadable one (a kill mid-write) and everything after it are built again."""
     count = 0
     while reader.path(count).exists():
@@ -222,11 +222,6 @@ def _resume_point(reader: TopKBatches, data) -> tuple[int, float, float]:
             last = ckpt.read_npz(reader.path(count - 1), "offline-teacher batch")
             state = json.loads(str(last["iterator_state"]))
     if count == 0:
-        return 0, 0.0, 0.0
+        return 0, 0.0, 0.0, 0
     data.set_state(state)
-    return count, float(last["mass_sum"]), float(last["weight_sum"])
-
-
-def _read_done(reader: TopKBatches, index: int, goal: int) -> bool:
-    state = json.loads(str(ckpt.read_npz(reader.path(index), "offline-teacher batch")["iterator_state"]))
-    return bool(_agree(state["doc_step"] >= goal))
+    return count, float(last["mass_sum"]), float(last["weight_sum"]), int(state["doc_step"])
