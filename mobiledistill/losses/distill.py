@@ -17,9 +17,10 @@ from mobiledistill.losses._util import f32, teacher
 MLM_DENOMINATOR_EPS = 1e-5  # official: sum(weights) + 1e-5
 
 
-def _label_log_prob(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
-    idx = jnp.clip(jnp.asarray(labels, jnp.int32), 0, log_probs.shape[-1] - 1)
-    return jnp.take_along_axis(log_probs, idx[..., None], axis=-1)[..., 0]
+def _at_label(values: jax.Array, labels: jax.Array) -> jax.Array:
+    """values[..., label] (log-probabilities or logits); out-of-range labels are clipped (weight-0 padding)."""
+    idx = jnp.clip(jnp.asarray(labels, jnp.int32), 0, values.shape[-1] - 1)
+    return jnp.take_along_axis(values, idx[..., None], axis=-1)[..., 0]
 
 
 def _soft_ce(logits: jax.Array, lse: jax.Array, p: jax.Array, ids: jax.Array | None = None) -> jax.Array:
@@ -63,7 +64,7 @@ def mlm_distill_loss(
     # [B, P, V] log-probabilities and their backward cost a third of the output layer; same values and gradients).
     s = f32(student_logits)
     lse = jax.nn.logsumexp(s, axis=-1)
-    per = alpha * (lse - _label_log_prob(s, labels)) if alpha != 0 else jnp.zeros(lse.shape)
+    per = alpha * (lse - _at_label(s, labels)) if alpha != 0 else jnp.zeros(lse.shape)
     if alpha != 1.0:
         if teacher_logits is None:
             raise ValueError(f"mlm_distill_loss: alpha={alpha} < 1 needs teacher_logits")
@@ -86,7 +87,7 @@ def mlm_accuracy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> ja
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None):
     """Hard-label cross-entropy, mean over examples (weighted mean if `weights`)."""
     log_p = jax.nn.log_softmax(f32(logits), axis=-1)
-    return _weighted_mean(-_label_log_prob(log_p, labels), weights)
+    return _weighted_mean(-_at_label(log_p, labels), weights)
 
 
 def nsp_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
