@@ -2,7 +2,7 @@
 
     python -m mobiledistill.export --from=RUN --to=OUT --format=hf,onnx,tflite [--seq_len=L]
         --quantize=none|dynamic|weight_only|int8
-        [--verify] [--equalize | --no-equalize] [--calibration=N]
+        [--verify] [--equalize | --no-equalize] [--calibration=N] [--onnx_names=short|full]
 
 RUN is a finished fine-tuning run (`WORKDIR` = its first finished seed, or `WORKDIR/seed_<s>`; classification,
 regression or SQuAD spans) or a finished stage of a pre-training pipeline (`WORKDIR/<stage>`, MLM + NSP heads).
@@ -20,9 +20,16 @@ OUT must not exist or be empty; it receives
                         TFLiteConverter, builtin ops only (runs in the plain `ai-edge-litert` interpreter); fixed
                         int32 inputs [1, L] (a polymorphic batch does not lower to TFLite builtins), signature
                         `serving_default` (export_tflite)
-    model.int8.tflite   the converter's dynamic-range int8 (Optimize.DEFAULT: int8 weights, activations quantised at
-                        run time) of the same function of the model or, for NoNorm models, of the equalised model
+    model.int8.tflite   dynamic: the converter's dynamic-range int8 (Optimize.DEFAULT: int8 weights, activations
+                        quantised at run time); int8: its full-integer int8 (int8 weights per channel and int8
+                        activations per tensor, ranges calibrated by the converter on --calibration sequences; int32
+                        inputs, float outputs); of the same function of the model or, for NoNorm models, of the
+                        equalised model. weight_only has no LiteRT file (the converter offers no weight-only int8)
     model_card.md, export.json
+
+The ONNX files' internal nodes and tensors are renamed to short ids (inputs and outputs keep their names): the
+exporter's and the quantiser's names cost as many bytes as a small student's int8 weights. --onnx_names=full keeps
+them (for reading the graph).
 
 Every ONNX / LiteRT file also outputs `last_hidden_state`, so the int8 error can be measured per feature channel:
 NoNorm students grow a few channels in the thousands, and a whole-tensor error hides what per-tensor int8 does to the
@@ -77,6 +84,7 @@ from mobiledistill.export_write import (
     INPUTS,
     OUTPUTS,
     _hf_class,
+    compact_onnx,
     equalized_int8,
     equalized_model,
     load_transformers,
@@ -92,15 +100,16 @@ from mobiledistill.quantize import CALIBRATION
 MAX_CALIBRATION = 100_000
 
 __all__ = [
-    "CALIBRATION", "EXTRA", "FORMATS", "FP32_TOL", "HIDDEN", "INPUTS", "MAX_CALIBRATION", "OPTIONS", "OUTPUTS",
-    "QUANTIZE", "RUNTIMES", "ExportError", "Source", "VerifyError", "agreement", "channel_errors", "check_out_dir",
-    "check_runtimes", "compare", "equalized_model", "export", "jax_outputs", "latency", "load_source",
-    "load_transformers", "machine", "model_card", "onnx_file_errors", "onnx_outputs", "parse_args", "quantize_onnx",
-    "random_inputs", "rel_err", "resolve_equalize", "run", "transformers_outputs", "verify", "verify_inputs",
-    "write_hf", "write_onnx", "write_tokenizer",
+    "CALIBRATION", "EXTRA", "FORMATS", "FP32_TOL", "HIDDEN", "INPUTS", "MAX_CALIBRATION", "ONNX_NAMES", "OPTIONS",
+    "OUTPUTS", "QUANTIZE", "RUNTIMES", "ExportError", "Source", "VerifyError", "agreement", "channel_errors",
+    "check_out_dir", "check_runtimes", "compact_onnx", "compare", "equalized_model", "export", "jax_outputs", "latency",
+    "load_source", "load_transformers", "machine", "model_card", "onnx_file_errors", "onnx_outputs", "parse_args",
+    "quantize_onnx", "random_inputs", "rel_err", "resolve_equalize", "run", "transformers_outputs", "verify",
+    "verify_inputs", "write_hf", "write_onnx", "write_tokenizer",
 ]
 
 FORMATS = ("hf", "onnx", "tflite")
+ONNX_NAMES = ("short", "full")
 QUANTIZE = ("none", "dynamic", "weight_only", "int8")
 # Runtimes each format needs (import name -> pip name); hf/onnx are in the `export` extra, tflite in `tflite` (both in
 # `test`). The hf directory is always written (the tokenizer), so every format needs transformers.
@@ -226,11 +235,14 @@ def resolve_equalize(cfg, quantize: str, equalize: bool | None, qat: bool = Fals
 
 
 def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len: int, do_verify: bool,
-           repeats: int = 10, equalize: bool | None = None, calibration: int = CALIBRATION) -> dict:
+           repeats: int = 10, equalize: bool | None = None, calibration: int = CALIBRATION,
+           onnx_names: str = "short") -> dict:
     """Writes every requested file into `out_dir` (an empty directory) and returns the export.json record.
 
     `equalize`: None equalises the int8 file's residual stream where that is exact (NoNorm), True insists (a
-    LayerNorm model is refused), False never; `calibration`: sequences the scales are calibrated on."""
+    LayerNorm model is refused), False never; `calibration`: sequences the scales are calibrated on; `onnx_names`:
+    "short" renames the ONNX files' internal nodes and tensors to short ids (`compact_onnx`), "full" keeps the
+    exporter's names."""
     from mobiledistill.models import count_params
 
     equalize = resolve_equalize(src.model.encoder.cfg, quantize, equalize, qat=src.qat is not None)
@@ -265,16 +277,25 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
                                                      seq_len, calibration, equalize)
             equalization = eq_record or equalization
             files["model.int8.onnx"] = {"format": fmt}
+        if onnx_names == "short":
+            for path in onnx_files.values():
+                files[os.path.basename(path)]["names"] = {"mode": "short", **compact_onnx(path)}
     if "tflite" in formats:
         from mobiledistill import export_tflite
         tflite_files["fp32"] = os.path.join(out_dir, "model.tflite")
         files["model.tflite"] = {"format": f"LiteRT flatbuffer (fp32), int32 inputs [1, {seq_len}]"}
-        if quantize == "dynamic":
-            tflite_files["int8_dynamic"] = os.path.join(out_dir, "model.int8.tflite")
-            files["model.int8.tflite"] = {"format": "LiteRT, dynamic-range int8 (per-channel weights)" + (
+        label = export_tflite.MODES.get(quantize)
+        batches = export_int8.calibration_batches(src, calibration, seq_len) if quantize == "int8" else None
+        if label:
+            tflite_files[label] = os.path.join(out_dir, "model.int8.tflite")
+            files["model.int8.tflite"] = {"format": (
+                "LiteRT, dynamic-range int8 (per-channel weights)" if quantize == "dynamic" else
+                f"LiteRT full-integer int8 (per-channel weights, per-tensor activations calibrated by the converter "
+                f"on {calibration} sequences), int32 inputs, float outputs" + (
+                    "; the QAT run's ranges are used by model.int8.onnx only" if src.qat is not None else "")) + (
                 "; residual-equalised, last_hidden_state = h / s" if eq else "")}
         export_tflite.write_tflite(src.model, src.kind, seq_len, scratch, tflite_files["fp32"],
-                                   tflite_files.get("int8_dynamic"), eq[0] if eq else None)
+                                   tflite_files.get(label), eq[0] if eq else None, quantize, batches)
     for name, f in files.items():
         f["bytes"] = os.path.getsize(os.path.join(out_dir, name))
     record = {"source": src.description, "kind": src.kind, "task": src.task, "labels": src.label_names,
@@ -313,7 +334,8 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
     return record
 
 
-OPTIONS = "--from, --to, --format, --quantize, --seq_len, --verify, --repeats, --equalize, --calibration"
+OPTIONS = ("--from, --to, --format, --quantize, --seq_len, --verify, --repeats, --equalize, --calibration, "
+           "--onnx_names")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -335,6 +357,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=10, help="timed forward passes per runtime with --verify")
     p.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
                    help="residual-equalise the int8 file (default: for NoNorm models; --no-equalize turns it off)")
+    p.add_argument("--onnx_names", default="short", help="short: the ONNX files' internal nodes and tensors get "
+                   "short ids (smaller files; inputs and outputs keep their names); full: the exporter's names")
     p.add_argument("--calibration", type=int, default=CALIBRATION,
                    help=f"sequences the equalisation scales are calibrated on (default {CALIBRATION})")
     args = p.parse_args(argv)
@@ -345,11 +369,14 @@ def parse_args(argv):
                           f"comma-separated {', '.join(FORMATS)}")
     if args.quantize not in QUANTIZE:
         raise ExportError(f"--quantize={args.quantize}; valid: {', '.join(QUANTIZE)}")
-    if args.quantize in ("weight_only", "int8") and "onnx" not in args.formats:
-        raise ExportError(f"--quantize={args.quantize} writes model.int8.onnx: add onnx to --format")
+    if args.quantize == "weight_only" and "onnx" not in args.formats:
+        raise ExportError("--quantize=weight_only writes model.int8.onnx only (LiteRT's converter has no weight-only "
+                          "int8): add onnx to --format")
     if args.quantize != "none" and not {"onnx", "tflite"} & set(args.formats):
         raise ExportError(f"--quantize={args.quantize} quantises the ONNX / LiteRT files: add onnx or tflite to "
                           "--format")
+    if args.onnx_names not in ONNX_NAMES:
+        raise ExportError(f"--onnx_names={args.onnx_names}; valid: {', '.join(ONNX_NAMES)}")
     if args.repeats < 1:
         raise ExportError(f"--repeats={args.repeats}; must be >= 1")
     if not 1 <= args.calibration <= MAX_CALIBRATION:
@@ -423,7 +450,7 @@ def run(argv=None) -> int:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # a normal directory once renamed (mkdtemp makes it private)
         record = export(src, tmp, args.formats, args.quantize, seq_len, args.verify, args.repeats, args.equalize,
-                        args.calibration)
+                        args.calibration, args.onnx_names)
         check_out_dir(out)  # still new or empty: then the finished directory takes its place
         if os.path.isdir(out):
             os.rmdir(out)

@@ -192,7 +192,8 @@ def qat_int8(fp32_path: str, out_path: str, float_model, info: dict) -> dict:
 MODES = {"weight_only": "int8_weight_only", "int8": "int8_static"}  # --quantize -> the file's verify label
 
 
-def _calibration(src, calibration: int, seq_len: int):
+def calibration_batches(src, calibration: int, seq_len: int):
+    """`calibration` [CLS] ... [SEP] sequences of random tokens, as batches of int64 (ids, mask, types)."""
     from mobiledistill import quantize
     from mobiledistill.data import load_tokenizer
 
@@ -217,7 +218,7 @@ def write(src, quantize: str, fp32_path: str, int8_path: str, scratch: str, seq_
 
     model, equalization = equalized_model(src, seq_len, calibration) if equalize else (None, None)
     source = fp32_path if model is None else equalized_onnx(src, model, scratch, seq_len)
-    rec = static_int8(source, int8_path, scratch, _calibration(src, calibration, seq_len))
+    rec = static_int8(source, int8_path, scratch, calibration_batches(src, calibration, seq_len))
     fmt = "ONNX QDQ static int8 (onnxruntime calibration)"
     if model is not None:
         fmt += "; residual-equalised, last_hidden_state = h / s"
@@ -227,7 +228,7 @@ def write(src, quantize: str, fp32_path: str, int8_path: str, scratch: str, seq_
 def plain_static(src, fp32_path: str, scratch: str, seq_len: int, calibration: int) -> str:
     """The static int8 file without equalisation (for comparison; in `scratch`)."""
     path = os.path.join(scratch, "model.int8.plain.onnx")
-    static_int8(fp32_path, path, scratch, _calibration(src, calibration, seq_len))
+    static_int8(fp32_path, path, scratch, calibration_batches(src, calibration, seq_len))
     return path
 
 

@@ -65,6 +65,9 @@ def check(c) -> list[str]:
         raise ConfigError(f"quantize={c.quantize!r}; valid: {', '.join(export.QUANTIZE)}")
     if c.quantize != "none" and not {"onnx", "tflite"} & set(formats):
         raise ConfigError(f"quantize={c.quantize!r} quantises the ONNX / LiteRT files: add onnx or tflite to formats")
+    if c.quantize == "weight_only" and "onnx" not in formats:
+        raise ConfigError("quantize='weight_only' writes model.int8.onnx only (LiteRT's converter has no weight-only "
+                          "int8): add onnx to formats")
     if not isinstance(c.get("equalize", True), bool):
         raise ConfigError(f"equalize={c.equalize!r}; valid: True, False")
     if not 1 <= int(c.get("calibration", export.CALIBRATION)) <= export.MAX_CALIBRATION:

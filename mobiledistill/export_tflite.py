@@ -15,6 +15,7 @@ tensorflow is imported here only, and this module only when a tflite file is wri
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from mobiledistill.export_write import HIDDEN, INPUTS, OUTPUTS
 
 SIGNATURE = "serving_default"
 INT8 = "int8_dynamic"  # the precision label of the dynamic-range int8 file (as for ONNX)
+MODES = {"dynamic": INT8, "int8": "int8_static"}  # --quantize -> the precision label of model.int8.tflite
 
 
 def _tf():
@@ -58,28 +60,43 @@ def _saved_model(model, kind: str, seq_len: int, directory: str) -> str:
     return directory
 
 
-def _convert(saved: str, int8: bool) -> bytes:
+def _convert(saved: str, quantize: str = "none", calibration=None) -> bytes:
+    """The converter on `saved`: quantize "none" (fp32), "dynamic" (dynamic-range: int8 weights per channel,
+    activations quantised at run time) or "int8" (full-integer: int8 weights per channel and int8 activations per
+    tensor, their ranges calibrated by the converter on `calibration`, batches of (ids, mask, types) rows fed one at a
+    time; inputs stay int32 and outputs float)."""
     tf = _tf()
     converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # what plain LiteRT runs (no Flex)
-    if int8:  # dynamic-range: int8 weights (per-channel), activations quantised at run time
+    if quantize != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    return converter.convert()
+    if quantize == "int8":
+        def rows():
+            for batch in calibration:
+                for i in range(len(batch[0])):
+                    yield {k: np.asarray(a[i:i + 1], np.int32) for k, a in zip(INPUTS, batch)}
+
+        converter.representative_dataset = rows
+    with warnings.catch_warnings():  # the converter's calibrator still uses the deprecated tf.lite.Interpreter
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+        return converter.convert()
 
 
 def write_tflite(model, kind: str, seq_len: int, scratch: str, fp32_path: str | None = None,
-                 int8_path: str | None = None, int8_model=None) -> None:
-    """Writes the fp32 file of `model` and/or the dynamic-range int8 file of `int8_model` (default `model`; the
-    residual-equalised copy for NoNorm models), each with a [1, seq_len] `serving_default` signature."""
+                 int8_path: str | None = None, int8_model=None, quantize: str = "dynamic",
+                 calibration=None) -> None:
+    """Writes the fp32 file of `model` and/or the int8 file (`quantize` "dynamic" or "int8", see `_convert`;
+    `calibration`: the int8 ranges' batches) of `int8_model` (default `model`; the residual-equalised copy for NoNorm
+    models), each with a [1, seq_len] `serving_default` signature."""
     saved = _saved_model(model, kind, seq_len, os.path.join(scratch, "saved_model"))
     if fp32_path:
         with open(fp32_path, "wb") as f:
-            f.write(_convert(saved, int8=False))
+            f.write(_convert(saved))
     if int8_path:
         if int8_model is not None and int8_model is not model:
             saved = _saved_model(int8_model, kind, seq_len, os.path.join(scratch, "saved_model_int8"))
         with open(int8_path, "wb") as f:
-            f.write(_convert(saved, int8=True))
+            f.write(_convert(saved, quantize, calibration))
 
 
 def signature_runner(path: str, threads: int | None = None):

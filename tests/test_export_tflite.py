@@ -121,3 +121,29 @@ def test_tflite_without_its_runtime_is_one_line_exit_2(sst2_run, tmp_path, monke
     assert run_export(f"--from={sst2_run}", f"--to={fresh}", "--format=hf", "--quantize=dynamic") == 2
     assert "add onnx or tflite to --format" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_tflite_full_integer_int8_verified(sst2_run, tmp_path, capsys):
+    """--quantize=int8: the converter's full-integer file (int8 weights and activations, ranges calibrated on
+    --calibration sequences; int32 inputs, float outputs), made from the residual-equalised model of this NoNorm
+    student and verified in LiteRT; --quantize=weight_only has no LiteRT file and is refused for tflite alone."""
+    out = tmp_path / "out"
+    assert run_export(f"--from={sst2_run}", f"--to={out}", "--format=tflite", "--quantize=int8", "--seq_len=16",
+                      "--verify", "--repeats=1", "--calibration=8") == 0
+    record = json.load(open(out / "export.json"))
+    int8 = record["verify"]["files"]["model.int8.tflite"]
+    assert int8["precision"] == "int8_static" and int8["runtime"].startswith("LiteRT")
+    assert "full-integer int8" in record["files"]["model.int8.tflite"]["format"]
+    assert record["equalization"]["applied"]
+    assert 0 <= int8["outputs"]["logits"]["argmax_agreement"] <= 1 and np.isfinite(int8["max_rel_err"])
+    assert 0 < int8["outputs"][export.HIDDEN]["per_channel"]["median"]
+    assert record["files"]["model.int8.tflite"]["bytes"] < record["files"]["model.tflite"]["bytes"]
+    assert record["verify"]["latency_ms_batch1"]["litert_int8_static"] > 0
+    # Activations are int8 tensors in the file, not only the weights (the dynamic-range file has float activations).
+    details = Interpreter(model_path=str(out / "model.int8.tflite")).get_tensor_details()
+    quantized = [d for d in details if d["dtype"] == np.int8 and d["quantization_parameters"]["scales"].size]
+    assert len(quantized) > len(nnx.state(export.load_source(sst2_run).model, nnx.Param)) // 2
+    fresh = tmp_path / "fresh"
+    assert run_export(f"--from={sst2_run}", f"--to={fresh}", "--format=tflite", "--quantize=weight_only") == 2
+    assert "LiteRT's converter has no weight-only int8" in capsys.readouterr().err and not fresh.exists()
