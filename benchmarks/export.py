@@ -16,6 +16,10 @@ is recorded with its error instead of stopping the run. For every file written:
   and LiteRT fp32 as a second baseline where a .tflite route worked; JAX jit fp32 (`mobiledistill.inference`) is
   timed too.
 
+`--qat_from=QATRUN` (a QAT fine-tuning run of the same task and tokenizer, e.g. one started from RUN with
+`c.qat`) adds the route `onnx_int8_qat`: its static int8 file with the QAT run's own ranges, scored on the same dev
+rows and compared with RUN's JAX fp32 (the model before QAT).
+
 A route *qualifies* when it keeps the task metric within 1 point of JAX fp32 at <= 30% of its format's fp32 file
 size; `recommended` is the smallest qualifying file (None when no route qualifies). Writes `--out` (default
 benchmarks/results/export.json) with one entry per route and the markdown table it prints.
@@ -218,6 +222,8 @@ def main(argv=None) -> dict:
     p.add_argument("--formats", default="", help="subset of mobiledistill.export.FORMATS (default: all)")
     p.add_argument("--quantize", default="", help="subset of mobiledistill.export.QUANTIZE (default: all)")
     p.add_argument("--calibration", type=int, default=0, help="int8 calibration sequences (default: export's)")
+    p.add_argument("--qat_from", default="", help="a QAT fine-tuning run of the same model (c.qat; e.g. started "
+                   "from --from): adds the route onnx_int8_qat, its static int8 file with the run's own ranges")
     args = p.parse_args(argv)
 
     import ml_collections
@@ -249,6 +255,10 @@ def main(argv=None) -> dict:
         except Exception:
             return False
 
+    qat_run = os.path.abspath(args.qat_from) if args.qat_from else ""
+    qsrc = export.load_source(qat_run) if qat_run else None
+    if qsrc is not None and (qsrc.qat is None or qsrc.tokenizer != src.tokenizer or qsrc.task != src.task):
+        sys.exit(f"error: --qat_from={args.qat_from} must be a QAT run (c.qat) of --from's task with its tokenizer")
     work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix="export-bench-")
     os.makedirs(work, exist_ok=True)
     result = dict(run=str(run_dir), source=src.description, task=src.task, kind=src.kind,
@@ -261,12 +271,19 @@ def main(argv=None) -> dict:
         if not os.path.isdir(hf_dir):
             export.write_hf(src, hf_dir)
         fp32_files, files = {}, {}
-        for route in plan_routes(formats, modes, equalizable):
+        routes = [dict(r, source=src, run=run) for r in plan_routes(formats, modes, equalizable)]
+        if qsrc is not None:
+            routes.append(dict(name="onnx_int8_qat", format="onnx", quantize="int8", equalize=False, source=qsrc,
+                               run=qat_run))
+        for route in routes:
             entry = dict(format=route["format"], quantize=route["quantize"], equalize=route["equalize"])
+            if route["run"] != run:
+                entry["run"] = route["run"]
             directory = os.path.join(work, route["name"])
             shutil.rmtree(directory, ignore_errors=True)
             try:
-                entry.update(write_route(export, src, run, route, directory, seq_len, calibration, fp32_files))
+                entry.update(write_route(export, route["source"], route["run"], route, directory, seq_len,
+                                         calibration, fp32_files))
                 files[f"{route['name']}/{entry['file']}"] = entry.pop("path")
             except (Exception, SystemExit) as e:
                 entry["error"] = _error(e)

@@ -10,6 +10,9 @@ Fine-tunes, on the first `--max_train` Rotten Tomatoes training sentences (split
   scratch     the pipeline's `scratch` student (the same student, MLM + NSP without a teacher, PD's step budget)
   task_kd     the distilled student fine-tuned from the teacher's logits too (KD at T `--temperature`, T^2, plus
               `--ce_weight` x cross-entropy)
+  task_kd_qat task_kd + 1 epoch of int8 quantisation-aware training (`finetune.qat_config()`, lr `--lr` / 10, the
+              same KD); `python -m mobiledistill.export --from=OUT/task_kd_qat --quantize=int8` writes its int8 file
+              with the run's ranges (benchmarks/export.py compares it with the PTQ routes)
 Writes `OUT/evidence.json` and `OUT/evidence.md` (parameters, forward FLOPs per sequence, dev accuracy mean ± std,
 the fraction of the teacher's mean accuracy kept) after every model; each run is a resumable fine-tuning workdir.
 """
@@ -34,12 +37,13 @@ from rotten_tomatoes import base_config, minilm_dir  # noqa: E402
 from mobiledistill import evaluate, finetune  # noqa: E402
 from mobiledistill.models import Encoder, forward_flops  # noqa: E402
 
-MODELS = ("teacher", "distilled", "scratch", "task_kd")
+MODELS = ("teacher", "distilled", "scratch", "task_kd", "task_kd_qat")
 DESCRIPTIONS = {
     "teacher": "teacher: all-MiniLM-L6-v2 fine-tuned",
     "distilled": "MobileBERT-shaped student, distilled (head -> PKT -> PD)",
     "scratch": "the same student, pre-trained without a teacher (same PD budget)",
     "task_kd": "distilled student + task KD from the teacher",
+    "task_kd_qat": "the task-KD student + 1 epoch of int8 QAT (with the same KD)",
 }
 
 
@@ -52,7 +56,11 @@ def config(args, model: str, pipeline: str, teacher_dir: str):
         return c
     c.init = f"stage:{pipeline}/{'scratch' if model == 'scratch' else 'pd'}"
     c.train.epochs, c.train.lr = args.epochs, args.lr
-    if model == "task_kd":
+    if model == "task_kd_qat":  # fake-quant int8 (finetune.qat_config) from the finished task-KD student
+        c.init = f"finetune:{os.path.join(os.path.dirname(teacher_dir), 'task_kd')}"
+        c.qat = finetune.qat_config()
+        c.train.epochs, c.train.lr = 1, args.lr / 10
+    if model in ("task_kd", "task_kd_qat"):
         c.distill.teacher = f"finetune:{teacher_dir}"
         c.distill.temperature = args.temperature
         c.distill.t_squared = True
@@ -119,6 +127,8 @@ def main():
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     teacher_dir = os.path.join(out, "teacher")
+    if "task_kd_qat" in models and "task_kd" not in models:
+        models.insert(0, "task_kd")
     if "task_kd" in models and "teacher" not in models:
         models.insert(0, "teacher")
     results = {}

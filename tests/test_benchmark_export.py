@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from mobiledistill import export
 from test_benchmark_inference import load_benchmark
 from test_export import sst2_run  # noqa: F401  (the same tiny finished SST-2 run)
+from test_qat import _qat_finetune
 
 # benchmark scripts on tiny shapes: left to `-m slow` (CI runs it) to keep the default suite short
 pytestmark = pytest.mark.slow
@@ -52,3 +53,21 @@ def test_export_benchmark_tiny(sst2_run, tmp_path, monkeypatch):
     assert res["recommended"] in res["qualifying"] or (res["recommended"] is None and not res["qualifying"])
     assert res["table_md"].count("\n| ") == len(routes) + 2  # + the JAX and PyTorch rows
     assert os.path.exists(tmp_path / "files" / "onnx_fp32" / "model.onnx")  # --work keeps the files
+
+
+def test_export_benchmark_qat_route(sst2_run, tmp_path):
+    """--qat_from: a QAT run started from the benchmarked run adds onnx_int8_qat, its static int8 file with the QAT
+    ranges, scored and timed like the other routes; a run without QAT is refused in one line."""
+    bench = load_benchmark("export")
+    qat_run = _qat_finetune(tmp_path / "qat", init=f"finetune:{sst2_run}", epochs=1)
+    out = tmp_path / "export.json"
+    with tfds.testing.mock_data(num_examples=10):
+        res = bench.main([f"--from={sst2_run}", f"--out={out}", "--formats=onnx", "--quantize=none",
+                          f"--qat_from={qat_run}", "--repeats=1", "--threads=1"])
+    assert set(res["routes"]) == {"onnx_fp32", "onnx_int8_qat"}
+    r = res["routes"]["onnx_int8_qat"]
+    assert "error" not in r, r
+    assert r["file"] == "model.int8.onnx" and r["run"].endswith("qat") and "QAT run's ranges" in r["description"]
+    assert 0 <= r["dev"] <= 100 and r["latency_ms"] > 0 and 0 < r["size_vs_fp32"]
+    with pytest.raises(SystemExit, match="must be a QAT run"):
+        bench.main([f"--from={sst2_run}", f"--out={tmp_path / 'x.json'}", f"--qat_from={sst2_run}"])
