@@ -93,8 +93,12 @@ def write_route(export, src, run: str, route: dict, directory: str, seq_len: int
     if len(files) != 1:
         raise RuntimeError(f"expected one new model file, the export wrote {sorted(record['files'])}")
     name = files[0]
-    return dict(file=name, path=os.path.join(directory, name), bytes=record["files"][name]["bytes"],
-                description=record["files"][name]["format"], export_s=time.perf_counter() - t0)
+    entry = dict(file=name, path=os.path.join(directory, name), bytes=record["files"][name]["bytes"],
+                 description=record["files"][name]["format"], export_s=time.perf_counter() - t0)
+    eq = record.get("equalization") or {}
+    if eq.get("applied"):  # how far the student's residual channels stand out, and what equalisation did to that
+        entry["equalization"] = {k: v for k, v in eq.items() if k not in ("scales", "int8_without_equalization")}
+    return entry
 
 
 def primary_metric(metrics: dict) -> str:

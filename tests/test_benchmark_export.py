@@ -47,6 +47,9 @@ def test_export_benchmark_tiny(sst2_run, tmp_path, monkeypatch):
         assert r["dev_change_points"] == pytest.approx(r["dev"] - ref["jax_jit_fp32"]["dev"]), name
         assert isinstance(r["qualifies"], bool), name
     assert routes["onnx_fp32"]["file"] == "model.onnx" and routes["onnx_fp32"]["size_vs_fp32"] == 1.0
+    eq = routes["onnx_dynamic_equalized"]["equalization"]  # the student's outlier channels, measured
+    assert eq["applied"] and eq["range_ratio_before"] >= eq["range_ratio_after"] > 0
+    assert "equalization" not in routes["onnx_dynamic_plain"]
     assert routes["onnx_dynamic_plain"]["file"] == "model.int8.onnx"
     assert routes["onnx_dynamic_plain"]["size_vs_fp32"] > 0  # (int8 is larger than fp32 at this tiny size)
     assert routes["onnx_fp32"]["dev"] == ref["jax_jit_fp32"]["dev"]  # fp32 ONNX computes the JAX model
