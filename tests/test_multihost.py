@@ -99,3 +99,44 @@ def test_two_processes_match_one(vocab, tmp_path):  # noqa: F811
     assert [s["process_index"] for s in data["per_process"]] == [0, 1]
     assert os.path.exists(os.path.join(multi, "report.md"))
     assert "held-out MLM accuracy" in results[0][0] and "held-out MLM accuracy" not in results[1][0]
+
+
+def run_pair(args, workdir):
+    """The pipeline in two JAX processes on localhost sharing `workdir`; returns process 0's stdout."""
+    port = free_port()
+    procs = [launch(args, workdir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                    JAX_PROCESS_ID=str(i)) for i in range(2)]
+    try:
+        results = [p.communicate(timeout=SUBPROCESS_TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    return results[0][0]
+
+
+@pytest.mark.slow
+def test_two_processes_offline_teacher_of_every_logit_trains_as_online(vocab, tmp_path):  # noqa: F811
+    """PD with the offline teacher (pd.teacher_top_k = the vocabulary) in two processes: each stores its own rows
+    (`p0000-*`, `p0001-*`, the same number), process 0 writes meta.json once both have stopped, and PD reads the
+    rows back into the same global batches: the logged PD losses are the online two-process run's (to the top-k
+    order's float rounding)."""
+    vocab_size = len(open(vocab).read().split())
+    base = tiny(vocab, "--config.train.log_every=1")
+    online, offline = tmp_path / "online", tmp_path / "offline"
+    run_pair(base, str(online))
+    out = run_pair(base + [f"--config.pd.teacher_top_k={vocab_size}", "--config.pd.teacher_topk_epochs=0.3"],
+                   str(offline))
+    assert "offline teacher: storing its top" in out
+    cache = offline / "pd" / "teacher_topk"
+    files = [sorted(p.name for p in cache.glob(f"p{i:04d}-*.npz")) for i in range(2)]
+    meta = json.load(open(cache / "meta.json"))
+    assert len(files[0]) == len(files[1]) == meta["batches"] >= 8, (len(files[0]), len(files[1]), meta["batches"])
+    assert meta["signature"]["process_count"] == 2 and meta["top_k_mass"] == pytest.approx(1.0, abs=1e-5)
+    a = [json.loads(line) for line in open(online / "pd" / "metrics.jsonl")]
+    b = [json.loads(line) for line in open(offline / "pd" / "metrics.jsonl")]
+    a, b = ([(r["step"], r["loss"]) for r in x if "loss" in r] for x in (a, b))
+    assert len(a) == len(b) == 8 and [s for s, _ in a] == [s for s, _ in b]
+    np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=1e-3)
