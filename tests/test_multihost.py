@@ -65,6 +65,19 @@ def launch(args, workdir, **env_kw):
                             text=True)
 
 
+def wait_all(procs) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each process once all have exited 0 (any left running are killed on failure)."""
+    try:
+        results = [p.communicate(timeout=SUBPROCESS_TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    return results
+
+
 def losses(workdir):
     out = {}
     for stage in STAGES:
@@ -82,14 +95,7 @@ def test_two_processes_match_one(vocab, tmp_path):  # noqa: F811
     procs = [launch(args, multi, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                     JAX_PROCESS_ID=str(i)) for i in range(2)]
     procs.append(launch(args, single, STITCH_PROCESSES="2"))
-    try:
-        results = [p.communicate(timeout=SUBPROCESS_TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
+    results = wait_all(procs)
     a, b = losses(multi), losses(single)
     for stage in STAGES:
         assert a[stage].shape == b[stage].shape == (3, 2), stage
@@ -104,17 +110,8 @@ def test_two_processes_match_one(vocab, tmp_path):  # noqa: F811
 def run_pair(args, workdir):
     """The pipeline in two JAX processes on localhost sharing `workdir`; returns process 0's stdout."""
     port = free_port()
-    procs = [launch(args, workdir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                    JAX_PROCESS_ID=str(i)) for i in range(2)]
-    try:
-        results = [p.communicate(timeout=SUBPROCESS_TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
-    return results[0][0]
+    return wait_all([launch(args, workdir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                            JAX_PROCESS_ID=str(i)) for i in range(2)])[0][0]
 
 
 @pytest.mark.slow
