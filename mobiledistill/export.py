@@ -88,6 +88,7 @@ from mobiledistill.export_write import (
     equalized_int8,
     equalized_model,
     load_transformers,
+    mean_pooled,
     quantize_onnx,
     random_inputs,
     write_hf,
@@ -102,10 +103,10 @@ MAX_CALIBRATION = 100_000
 __all__ = [
     "CALIBRATION", "EXTRA", "FORMATS", "FP32_TOL", "HIDDEN", "INPUTS", "MAX_CALIBRATION", "ONNX_NAMES", "OPTIONS",
     "OUTPUTS", "QUANTIZE", "RUNTIMES", "ExportError", "Source", "VerifyError", "agreement", "channel_errors",
-    "check_out_dir", "check_runtimes", "compact_onnx", "compare", "equalized_model", "export", "jax_outputs", "latency",
-    "load_source", "load_transformers", "machine", "model_card", "onnx_file_errors", "onnx_outputs", "parse_args",
-    "quantize_onnx", "random_inputs", "rel_err", "resolve_equalize", "run", "transformers_outputs", "verify",
-    "verify_inputs", "write_hf", "write_onnx", "write_tokenizer",
+    "check_formats", "check_out_dir", "check_runtimes", "compact_onnx", "compare", "equalized_model", "export",
+    "jax_outputs", "latency", "load_source", "load_transformers", "machine", "mean_pooled", "model_card",
+    "onnx_file_errors", "onnx_outputs", "parse_args", "quantize_onnx", "random_inputs", "rel_err", "resolve_equalize",
+    "run", "transformers_outputs", "verify", "verify_inputs", "write_hf", "write_onnx", "write_tokenizer",
 ]
 
 FORMATS = ("hf", "onnx", "tflite")
@@ -245,6 +246,7 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
     exporter's names."""
     from mobiledistill.models import count_params
 
+    check_formats(src, formats)
     equalize = resolve_equalize(src.model.encoder.cfg, quantize, equalize, qat=src.qat is not None)
     equalization = int8 = None
 
@@ -389,6 +391,14 @@ def parse_args(argv):
     return args
 
 
+def check_formats(src: Source, formats: list[str]) -> None:
+    """Refuses a format that cannot hold this model (before anything is written)."""
+    if "hf" in formats and mean_pooled(src):
+        raise ExportError("--format=hf: this classifier mean-pools the final hidden states (classifier_pooling="
+                          "'mean'), and transformers' *ForSequenceClassification reads [CLS]; --format=onnx,tflite "
+                          "carry the mean-pooled head")
+
+
 def check_runtimes(formats: list[str]) -> None:
     needed = {}
     for f in formats:
@@ -443,7 +453,8 @@ def run(argv=None) -> int:
         seq_len = args.seq_len if args.seq_len is not None else min(128, max_len)
         if not 2 <= seq_len <= max_len:
             raise ExportError(f"--seq_len={seq_len}; valid: 2..{max_len} (the model's max_position_embeddings)")
-        resolve_equalize(src.model.encoder.cfg, args.quantize, args.equalize, qat=src.qat is not None)  # before writing
+        check_formats(src, args.formats)  # before writing
+        resolve_equalize(src.model.encoder.cfg, args.quantize, args.equalize, qat=src.qat is not None)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
         umask = os.umask(0)

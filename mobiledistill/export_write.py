@@ -25,18 +25,64 @@ def _hf_class(kind: str, cfg):
     return getattr(transformers, arch + suffix)
 
 
+def mean_pooled(src: Source) -> bool:
+    """A classifier on the mean of the final hidden states (`classifier_pooling='mean'`): transformers has no such
+    head (its *ForSequenceClassification reads [CLS]), so the hf format is refused, and the ONNX file and the PyTorch
+    baseline are transformers' encoder plus the mean and the classifier (`load_transformers`)."""
+    return src.kind == "classification" and src.model.encoder.cfg.classifier_pooling == "mean"
+
+
 def load_transformers(src: Source, hf_dir: str):
-    """The saved directory as transformers' own eval-mode model (eager attention: traceable, exact)."""
+    """The saved directory as transformers' own eval-mode model (eager attention: traceable, exact); for a
+    mean-pooled classifier, transformers' encoder with the model's mean pooling and classifier on top."""
     from transformers.utils import logging
     logging.disable_progress_bar()  # stderr stays free for the one-line error
     logging.set_verbosity_error()
-    return _hf_class(src.kind, src.model.encoder.cfg).from_pretrained(hf_dir, attn_implementation="eager").eval()
+    if not mean_pooled(src):
+        return _hf_class(src.kind, src.model.encoder.cfg).from_pretrained(hf_dir, attn_implementation="eager").eval()
+    import types
+
+    import torch
+    import transformers
+
+    from mobiledistill.convert import hf_arch
+
+    arch = "BertModel" if hf_arch(src.model.encoder.cfg) == "bert" else "MobileBertModel"
+    encoder = getattr(transformers, arch).from_pretrained(hf_dir, attn_implementation="eager",
+                                                          add_pooling_layer=False)
+    kernel = np.asarray(src.model.classifier.kernel[...], np.float32)
+    head = torch.nn.Linear(*kernel.shape)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(kernel.T.copy()))
+        head.bias.copy_(torch.from_numpy(np.array(src.model.classifier.bias[...], np.float32)))
+
+    class MeanPooledClassifier(torch.nn.Module):
+        """`models.encoder.token_mean` of the final hidden states over the attended tokens, then the classifier."""
+
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.classifier = encoder, head
+
+        def forward(self, input_ids, attention_mask, token_type_ids, output_hidden_states=False):
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                               output_hidden_states=True)
+            h = out.last_hidden_state
+            w = (attention_mask != 0).to(h.dtype).unsqueeze(-1)
+            pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)
+            return types.SimpleNamespace(logits=self.classifier(pooled), last_hidden_state=h,
+                                         hidden_states=out.hidden_states if output_hidden_states else None)
+
+    return MeanPooledClassifier().eval()
 
 
 def write_hf(src: Source, hf_dir: str) -> None:
+    """The transformers directory (the encoder alone for a mean-pooled classifier: see `mean_pooled`)."""
     from mobiledistill import convert
 
-    convert.save_hf(src.model, hf_dir, label_names=src.label_names)
+    if mean_pooled(src):
+        convert.save_hf(src.model.encoder, hf_dir)
+    else:
+        convert.save_hf(src.model, hf_dir, label_names=src.label_names)
     write_tokenizer(src, hf_dir)
 
 
@@ -177,12 +223,11 @@ def equalized_onnx(src: Source, model, scratch: str, seq_len: int) -> str:
     """The fp32 ONNX file of `model`, a copy of the source's model (the residual-equalised one), in `scratch`."""
     import dataclasses
 
-    from mobiledistill import convert
-
     hf_dir = os.path.join(scratch, "hf_equalized")
-    convert.save_hf(model, hf_dir, label_names=src.label_names)
+    equalized = dataclasses.replace(src, model=model)
+    write_hf(equalized, hf_dir)
     fp32 = os.path.join(scratch, "model.equalized.onnx")
-    write_onnx(dataclasses.replace(src, model=model), hf_dir, fp32, seq_len)
+    write_onnx(equalized, hf_dir, fp32, seq_len)
     return fp32
 
 

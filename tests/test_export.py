@@ -246,6 +246,29 @@ def test_export_finetune_run_every_format_verified(sst2_run, tmp_path):
     assert os.path.exists(out / "tokenizer" / "vocab.txt")
 
 
+def test_mean_pooled_classifier_exports_to_onnx_and_refuses_hf(sst2_run, tmp_path, capsys):
+    """classifier_pooling='mean' (this repo's Rotten Tomatoes recipe): transformers' *ForSequenceClassification reads
+    [CLS], so --format=hf is one line, exit 2; the ONNX file is transformers' encoder + the mean over the attended
+    tokens + the classifier, and --verify holds it (and the PyTorch baseline) to the JAX model."""
+    tok, vocab = _tokenizer_of(sst2_run)
+    model = perturb_norms(SequenceClassificationModel(preset("test_mobilebert", vocab_size=vocab,
+                                                             classifier_pooling="mean"), 2, nnx.Rngs(5)))
+    run = fake_finetune_run(str(tmp_path / "mean"), model, "sst2", "classification", tok)
+    fresh = tmp_path / "refused"
+    assert run_export(f"--from={run}", f"--to={fresh}", "--format=hf,onnx") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mean-pools" in err and "--format=onnx,tflite" in err and not fresh.exists()
+    out = tmp_path / "out"
+    assert run_export(f"--from={run}", f"--to={out}", "--format=onnx", "--quantize=dynamic", "--seq_len=20",
+                      "--verify", "--repeats=1") == 0
+    record = check_verified(str(out), "classification", "onnx")
+    assert record["verify"]["files"]["model.onnx"]["max_rel_err"] <= TOL
+    src = export.load_source(run)
+    ids, mask, types = export.random_inputs(src.model.encoder.cfg, 4, 20, seed=9)  # rows 2.. padded
+    got = export.onnx_outputs(export_verify._ort_session(str(out / "model.onnx")), ids, mask, types)["logits"]
+    assert rel_err(got, export.jax_outputs(src, ids, mask, types)["logits"]) <= TOL
+
+
 def test_short_onnx_names_same_graph_smaller_file(sst2_run, tmp_path):
     """--onnx_names=full keeps the exporter's names; `compact_onnx` (the default) renames every node and internal
     tensor to a short id, keeps the inputs and outputs, drops value_info, and computes bit for bit the same outputs.
