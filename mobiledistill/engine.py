@@ -78,7 +78,7 @@ def run(c, workdir: str, *, allow_config_change: bool = False) -> dict:
         return {only.name: _run_stage(only, only.config, epath.Path(workdir), allow_config_change)}
     for stage in stages:
         if stage.kind == "export":
-            export_stage.check(stage.config)
+            export_stage.check(stage.config, next((s for s in stages if s.name == stage.init_from), None))
     wd = epath.Path(workdir)
     done = _all_finished(c, stages, wd)
     if done is not None:

@@ -54,9 +54,10 @@ def finished(directory: epath.Path) -> dict | None:
         return None
 
 
-def check(c) -> list[str]:
+def check(c, source=None) -> list[str]:
     """The section's formats after checking them, the quantisation and the runtimes they need (before any stage
-    of the recipe runs: a missing package is named up front, not after hours of training)."""
+    of the recipe runs: a missing package is named up front, not after hours of training). `source`: the recipe
+    stage the export reads (its `init_from`), whose model settings may rule a format out."""
     formats = [f.strip() for f in str(c.formats).split(",") if f.strip()]
     bad = [f for f in formats if f not in export.FORMATS]
     if bad or not formats:
@@ -72,6 +73,11 @@ def check(c) -> list[str]:
         raise ConfigError(f"equalize={c.equalize!r}; valid: True, False")
     if not 1 <= int(c.get("calibration", export.CALIBRATION)) <= export.MAX_CALIBRATION:
         raise ConfigError(f"calibration={c.calibration!r}; valid: 1..{export.MAX_CALIBRATION} sequences")
+    pooling = source.config.get("model", {}).get("classifier_pooling") if source is not None else None
+    if "hf" in formats and source is not None and source.kind == "finetune" and pooling == "mean":
+        raise ConfigError(f"formats={c.formats!r}: stage {source.name!r} mean-pools (model.classifier_pooling="
+                          f"'mean'), and transformers' *ForSequenceClassification reads [CLS]; use formats='onnx' or "
+                          f"'onnx,tflite', which carry the mean-pooled head")
     export.check_runtimes(formats)
     return formats
 

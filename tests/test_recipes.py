@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _limits import SUBPROCESS_TIMEOUT
 
-from mobiledistill import engine
+from mobiledistill import engine, export_stage
 from mobiledistill.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -310,3 +310,16 @@ def test_a_missing_export_runtime_is_named_before_any_stage_runs(tmp_path, monke
     with pytest.raises(export.ExportError, match="needs the Python package 'no-such-runtime'.*pip install"):
         engine.run(mobilebert_task.get_config("tiny"), str(work))
     assert not work.exists()  # nothing trained, nothing written
+
+
+def test_an_export_of_a_mean_pooled_classifier_to_hf_is_refused_before_any_stage_runs(tmp_path):
+    import mobilebert_task
+
+    c = mobilebert_task.get_config("tiny")
+    c.student_kd.model.classifier_pooling = "mean"
+    work = tmp_path / "w"
+    with pytest.raises(ConfigError, match="stage 'student_kd' mean-pools.*formats='onnx'"):
+        engine.run(c, str(work))
+    assert not work.exists()  # nothing trained, nothing written
+    c.export.formats = "onnx"
+    assert export_stage.check(c.export, next(s for s in engine.plan(c) if s.name == "student_kd")) == ["onnx"]
