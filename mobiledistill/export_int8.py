@@ -1,7 +1,10 @@
 """The int8 ONNX files other than dynamic (issue #11): weight-only, static (calibrated) and static from QAT ranges.
 
 The dense layers of the exported graph are the MatMul / Gemm nodes whose weight is an initializer (transformers'
-nn.Linear; the attention products and the embedding lookups are not dense layers and stay float, as in QAT):
+nn.Linear; the attention products and the embedding lookups are not dense layers and stay float, as in QAT). The
+weight-only and static files also store the embedding tables int8 (`quantize_embeddings`: per row, scaled after the
+lookup; the vocabulary table is most of a small student's file); the QAT file keeps them float, as its fake-quant
+forward does:
 
 - `weight_only`: each such weight becomes int8 (symmetric, per output channel: scale = max |W[:, c]| / 127) and a
   DequantizeLinear in front of the node; activations stay float (QDQ, written with the onnx API).
@@ -124,9 +127,69 @@ def write_qdq(fp32_path: str, out_path: str, per_channel: bool = True, activatio
     return len(nodes)
 
 
+def embedding_tables(model) -> dict[str, list]:
+    """{initializer name: [Gather nodes]} for the float 2-D tables that only Gather nodes (axis 0) read: the word,
+    position and token-type embeddings (a table also read otherwise, e.g. a tied decoder, is left out)."""
+    inits = {t.name: t for t in model.graph.initializer
+             if len(t.dims) == 2 and t.data_type == 1}  # FLOAT
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in inits:
+                readers.setdefault(name, []).append((node, i))
+    return {name: [n for n, _ in r] for name, r in readers.items()
+            if all(n.op_type == "Gather" and i == 0 and all(a.i == 0 for a in n.attribute if a.name == "axis")
+                   for n, i in r)}
+
+
+def quantize_embeddings(path: str) -> dict:
+    """Rewrites `path` in place with int8 embedding tables (`embedding_tables`): symmetric per row (scale = max |row|
+    / 127), looked up as int8 and scaled after the lookup (Gather q, Gather scale -> Cast -> Mul), so no table is
+    dequantised whole at run time. The vocabulary table is most of a small student's file, and the QDQ dense-layer
+    quantisation leaves it float. Returns the export.json record."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(path)
+    graph = model.graph
+    tables = embedding_tables(model)
+    inits = {t.name: t for t in graph.initializer}
+    new_inits, after = [], {}
+    rows = 0
+    for name, gathers in tables.items():
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        scale = np.max(np.abs(w), axis=1, keepdims=True) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        rows += w.shape[0]
+        new_inits += [numpy_helper.from_array(q, f"{name}.q"), numpy_helper.from_array(scale.astype(np.float32),
+                                                                                       f"{name}.s")]
+        for k, g in enumerate(gathers):
+            base, out = f"{name}.{k}", g.output[0]
+            after[id(g)] = [
+                helper.make_node("Gather", [f"{name}.s", g.input[1]], [f"{base}.gs"], name=f"{base}.GatherScale"),
+                helper.make_node("Cast", [f"{base}.gq"], [f"{base}.gf"], to=onnx.TensorProto.FLOAT,
+                                 name=f"{base}.Cast"),
+                helper.make_node("Mul", [f"{base}.gf", f"{base}.gs"], [out], name=f"{base}.Scale")]
+            g.input[0], g.output[0] = f"{name}.q", f"{base}.gq"
+    kept = [t for t in graph.initializer if t.name not in tables]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    ordered = []
+    for n in graph.node:
+        ordered += [n] + after.get(id(n), [])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    del graph.value_info[:]  # shapes of renamed outputs would be stale
+    onnx.checker.check_model(model)
+    onnx.save_model(model, path, save_as_external_data=False)
+    return {"tables": sorted(tables), "rows": rows, "scheme": "int8 symmetric per row, scaled after the lookup"}
+
+
 def weight_only(fp32_path: str, out_path: str) -> dict:
     n = write_qdq(fp32_path, out_path, per_channel=True)
-    return {"dense_nodes": n, "weights": "int8 symmetric per output channel", "activations": "float"}
+    return {"dense_nodes": n, "weights": "int8 symmetric per output channel", "activations": "float",
+            "embeddings": quantize_embeddings(out_path)}
 
 
 class _Reader:
@@ -155,7 +218,8 @@ def static_int8(fp32_path: str, out_path: str, scratch: str, batches) -> dict:
     return {"dense_nodes": len(names), "weights": "int8 storage, 7-bit symmetric grid (reduce_range) per output "
             "channel",
             "activations": "int8 asymmetric per tensor, onnxruntime MinMax calibration",
-            "calibration_sequences": int(sum(len(b[0]) for b in batches))}
+            "calibration_sequences": int(sum(len(b[0]) for b in batches)),
+            "embeddings": quantize_embeddings(out_path)}
 
 
 def qat_int8(fp32_path: str, out_path: str, float_model, info: dict) -> dict:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import onnx
-import onnxruntime  # noqa: F401  (the export runtimes must be installed: fail loudly, never skip)
+import onnxruntime  # the export runtimes must be installed: fail loudly, never skip
 import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
@@ -209,7 +209,11 @@ def test_weight_only_and_static_int8_round_trip(plain_run, tmp_path, mode):
     m = onnx.load(str(out / "model.int8.onnx"))
     ops = [n.op_type for n in m.graph.node]
     int8_weights = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
-    assert len(int8_weights) == record["int8"]["dense_nodes"] > 10
+    assert len(int8_weights) == record["int8"]["dense_nodes"] + len(record["int8"]["embeddings"]["tables"]) > 10
+    tables = record["int8"]["embeddings"]["tables"]  # word, position and token-type tables stored int8 too
+    assert len(tables) == 3 and record["int8"]["embeddings"]["rows"] >= 97 + 16
+    assert not [t.name for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+                and t.dims[0] >= 97 and t.dims[1] > 1], "a float table is left (the [rows, 1] scales stay float)"
     if mode == "weight_only":
         assert r["precision"] == "int8_weight_only" and "QuantizeLinear" not in ops
         assert record["equalization"] == {"applied": False} and r["max_rel_err"] < 0.05
@@ -217,6 +221,39 @@ def test_weight_only_and_static_int8_round_trip(plain_run, tmp_path, mode):
         assert r["precision"] == "int8_static" and "QuantizeLinear" in ops and record["int8"]["ranges"] == "calibration"
         eq = record["equalization"]
         assert eq["applied"] and "int8_without_equalization" in eq and record["int8"]["calibration_sequences"] == 16
+
+
+def test_int8_embedding_lookup_is_the_dequantised_table(plain_run, tmp_path):
+    """`export_int8.quantize_embeddings` (int8 per row, looked up then scaled) computes what the fp32 graph computes
+    with each table replaced by its dequantised copy q * scale, and that copy is within half a step of the table."""
+    from onnx import numpy_helper
+
+    out = tmp_path / "fp32"
+    assert export.run([f"--from={plain_run}", f"--to={out}", "--format=onnx", "--seq_len=16"]) == 0
+    fp32 = onnx.load(str(out / "model.onnx"))
+    tables = export_int8.embedding_tables(fp32)
+    assert len(tables) == 3  # word, position, token type
+    q8 = str(tmp_path / "q8.onnx")
+    onnx.save_model(fp32, q8)
+    rec = export_int8.quantize_embeddings(q8)
+    assert rec["tables"] == sorted(tables)
+    dq = onnx.load(str(out / "model.onnx"))
+    for t in dq.graph.initializer:
+        if t.name in tables:
+            w = numpy_helper.to_array(t).astype(np.float32)
+            scale = np.max(np.abs(w), axis=1, keepdims=True) / 127.0
+            scale[scale == 0] = 1.0
+            deq = np.clip(np.round(w / scale), -127, 127) * scale
+            assert np.all(np.abs(deq - w) <= scale / 2 + 1e-7)
+            t.CopyFrom(numpy_helper.from_array(deq.astype(np.float32), t.name))
+    ref = str(tmp_path / "dequantised.onnx")
+    onnx.save_model(dq, ref)
+    ids, mask, types = export.random_inputs(export.load_source(plain_run).model.encoder.cfg, 3, 16)
+    feed = dict(zip(export.INPUTS, (ids, mask, types)))
+    got, want = (onnxruntime.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, feed) for p in (q8, ref))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert os.path.getsize(q8) < os.path.getsize(ref)
 
 
 def test_bad_quantize_input_one_line_exit_2(plain_run, tmp_path, capsys):
