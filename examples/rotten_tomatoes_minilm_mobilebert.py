@@ -11,8 +11,9 @@ Fine-tunes, on the first `--max_train` Rotten Tomatoes training sentences (split
   task_kd     the distilled student fine-tuned from the teacher's logits too (KD at T `--temperature`, T^2, plus
               `--ce_weight` x cross-entropy)
   task_kd_qat task_kd + 1 epoch of int8 quantisation-aware training (`finetune.qat_config()`, lr `--lr` / 10, the
-              same KD); `python -m mobiledistill.export --from=OUT/task_kd_qat --quantize=int8` writes its int8 file
-              with the run's ranges (benchmarks/export.py compares it with the PTQ routes)
+              same KD); `python -m mobiledistill.export --from=OUT/task_kd_qat --to=DIR --format=onnx
+              --quantize=int8` writes its int8 file with the run's ranges (mean read-out: no hf format;
+              benchmarks/export.py --qat_from compares it with the PTQ routes)
 Writes `OUT/evidence.json` and `OUT/evidence.md` (parameters, forward FLOPs per sequence, dev accuracy mean ± std,
 the fraction of the teacher's mean accuracy kept) after every model; each run is a resumable fine-tuning workdir.
 """
