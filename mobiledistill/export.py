@@ -200,7 +200,7 @@ def export(src: Source, out_dir: str, formats: list[str], quantize: str, seq_len
             label = export_int8.MODES[quantize]
             onnx_files[label] = os.path.join(out_dir, "model.int8.onnx")
             fmt, int8, eq_record = export_int8.write(src, quantize, onnx_files["fp32"], onnx_files[label], scratch,
-                                                     seq_len, calibration, equalize)
+                                                     seq_len, calibration, eq)
             equalization = eq_record or equalization
             files["model.int8.onnx"] = {"format": fmt}
         if onnx_names == "short":

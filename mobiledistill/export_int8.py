@@ -111,20 +111,30 @@ def write_qdq(fp32_path: str, out_path: str, per_channel: bool = True, activatio
                                                  name=f"{base}.x_DequantizeLinear")))
             node.input[0] = an[3]
     still_used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name not in drop or t.name in still_used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
     before = {}
     for node, extra in order:
         before.setdefault(id(node), []).append(extra)
+    _save_rewritten(model, out_path, [t for t in graph.initializer if t.name not in drop or t.name in still_used],
+                    new_inits, before=before)
+    return len(nodes)
+
+
+def _save_rewritten(model, path: str, kept_inits: list, new_inits: list, before: dict | None = None,
+                    after: dict | None = None) -> None:
+    """Gives `model` the initializers `kept_inits + new_inits` and splices in new nodes ({id(node): [nodes]} to put
+    before / after it), then checks and saves it as one file."""
+    import onnx
+
+    graph = model.graph
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits + new_inits)
     ordered = []
     for n in graph.node:
-        ordered += before.get(id(n), []) + [n]
+        ordered += (before or {}).get(id(n), []) + [n] + (after or {}).get(id(n), [])
     del graph.node[:]
     graph.node.extend(ordered)
     onnx.checker.check_model(model)
-    onnx.save_model(model, out_path, save_as_external_data=False)
-    return len(nodes)
+    onnx.save_model(model, path, save_as_external_data=False)
 
 
 def embedding_tables(model) -> dict[str, list]:
@@ -172,17 +182,8 @@ def quantize_embeddings(path: str) -> dict:
                                  name=f"{base}.Cast"),
                 helper.make_node("Mul", [f"{base}.gf", f"{base}.gs"], [out], name=f"{base}.Scale")]
             g.input[0], g.output[0] = f"{name}.q", f"{base}.gq"
-    kept = [t for t in graph.initializer if t.name not in tables]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    ordered = []
-    for n in graph.node:
-        ordered += [n] + after.get(id(n), [])
-    del graph.node[:]
-    graph.node.extend(ordered)
     del graph.value_info[:]  # shapes of renamed outputs would be stale
-    onnx.checker.check_model(model)
-    onnx.save_model(model, path, save_as_external_data=False)
+    _save_rewritten(model, path, [t for t in graph.initializer if t.name not in tables], new_inits, after=after)
     return {"tables": sorted(tables), "rows": rows, "scheme": "int8 symmetric per row, scaled after the lookup"}
 
 
@@ -267,20 +268,20 @@ def calibration_batches(src, calibration: int, seq_len: int):
 
 
 def write(src, quantize: str, fp32_path: str, int8_path: str, scratch: str, seq_len: int, calibration: int,
-          equalize: bool = False) -> tuple[str, dict, dict | None]:
+          equalized=None) -> tuple[str, dict, dict | None]:
     """Writes `int8_path` for --quantize=weight_only | int8 from the fp32 file; returns (its format line, the
     export.json `int8` record, the equalisation record or None). int8: from the QAT ranges when the source is a QAT
     run (`src.qat`), else calibrated by onnxruntime on `calibration` sequences, of the residual-equalised model
-    with `equalize`."""
+    when `equalized` (`export_write.equalized_model`'s (model, record)) is given."""
     if quantize == "weight_only":
         return "ONNX QDQ, int8 weights (per channel), float activations", {"mode": quantize, **weight_only(
             fp32_path, int8_path)}, None
     if src.qat is not None:
         rec = qat_int8(fp32_path, int8_path, src.model, src.qat)
         return "ONNX QDQ static int8, the QAT run's ranges", {"mode": quantize, "ranges": "qat", **rec}, None
-    from mobiledistill.export_write import equalized_model, equalized_onnx
+    from mobiledistill.export_write import equalized_onnx
 
-    model, equalization = equalized_model(src, seq_len, calibration) if equalize else (None, None)
+    model, equalization = equalized or (None, None)
     source = fp32_path if model is None else equalized_onnx(src, model, scratch, seq_len)
     rec = static_int8(source, int8_path, scratch, calibration_batches(src, calibration, seq_len))
     fmt = "ONNX QDQ static int8 (onnxruntime calibration)"
