@@ -203,8 +203,9 @@ def _read_meta(path: epath.Path) -> dict:
 
 
 def _resume_point(reader: TopKBatches, data) -> tuple[int, float, float, int]:
-    """(batches already stored, their mass and weight sums, documents read), the iterator moved past them. Stored files are read
-    from the first on; the first unreadable one (a kill mid-write) and everything after it are built again."""
+    """(batches already stored, their mass and weight sums, documents read), the iterator moved past them. Stored
+    files are read from the first on; the first unreadable one (a kill mid-write) and everything after it are built
+    again."""
     count = 0
     while reader.path(count).exists():
         count += 1

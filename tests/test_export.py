@@ -263,7 +263,8 @@ def test_mean_pooled_classifier_exports_to_onnx_and_refuses_hf(sst2_run, tmp_pat
                       "--verify", "--repeats=1") == 0
     record = check_verified(str(out), "classification", "onnx")
     assert record["verify"]["files"]["model.onnx"]["max_rel_err"] <= TOL
-    assert "MobileBertModel + mean of the final hidden states + linear classifier" in (out / "model_card.md").read_text()
+    card = (out / "model_card.md").read_text()
+    assert "MobileBertModel + mean of the final hidden states + linear classifier" in card
     src = export.load_source(run)
     ids, mask, types = export.random_inputs(src.model.encoder.cfg, 4, 20, seed=9)  # rows 2.. padded
     got = export.onnx_outputs(export_verify._ort_session(str(out / "model.onnx")), ids, mask, types)["logits"]

@@ -65,6 +65,13 @@ def launch(args, workdir, **env_kw):
                             text=True)
 
 
+def launch_pair(args, workdir) -> list:
+    """Two JAX processes on localhost (one coordinator port) running the driver in `workdir`."""
+    port = free_port()
+    return [launch(args, workdir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i)) for i in range(2)]
+
+
 def wait_all(procs) -> list[tuple[str, str]]:
     """(stdout, stderr) of each process once all have exited 0 (any left running are killed on failure)."""
     try:
@@ -91,11 +98,7 @@ def test_two_processes_match_one(vocab, tmp_path):  # noqa: F811
     args = tiny(vocab, "--config.teacher.steps=3", "--config.train.log_every=1", "--config.train.eval_batches=1",
                 "--config.train.checkpoint_every=2", config="configs/teacher.py:local")
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
-    port = free_port()
-    procs = [launch(args, multi, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                    JAX_PROCESS_ID=str(i)) for i in range(2)]
-    procs.append(launch(args, single, STITCH_PROCESSES="2"))
-    results = wait_all(procs)
+    results = wait_all(launch_pair(args, multi) + [launch(args, single, STITCH_PROCESSES="2")])
     a, b = losses(multi), losses(single)
     for stage in STAGES:
         assert a[stage].shape == b[stage].shape == (3, 2), stage
@@ -109,9 +112,7 @@ def test_two_processes_match_one(vocab, tmp_path):  # noqa: F811
 
 def run_pair(args, workdir):
     """The pipeline in two JAX processes on localhost sharing `workdir`; returns process 0's stdout."""
-    port = free_port()
-    return wait_all([launch(args, workdir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                            JAX_PROCESS_ID=str(i)) for i in range(2)])[0][0]
+    return wait_all(launch_pair(args, workdir))[0][0]
 
 
 @pytest.mark.slow
