@@ -146,16 +146,26 @@ class StageCheckpoints:
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             data=ocp.args.JsonSave(data_state)), force=True)
 
-    def restore(self, step: int, params_like, opt_state_like):
-        """Restores into the structure, dtypes and shardings of the given (concrete or abstract) trees."""
+    def restore(self, step: int, params_like, opt_state_like, opt_state_fallback=None):
+        """Restores into the structure, dtypes and shardings of the given (concrete or abstract) trees.
+
+        `opt_state_fallback`: (like, convert) for an optimizer state of an older layout (`optim.per_leaf_reader`):
+        read when `opt_state_like` does not match, then converted (convert on read)."""
         path = self.dir / "checkpoints" / str(step)
         r = {}
         for item, args in (("params", lambda: ocp.args.StandardRestore(_abstract(params_like))),
                            ("opt_state", lambda: ocp.args.StandardRestore(_abstract(opt_state_like))),
                            ("data", ocp.args.JsonRestore)):
+            read = lambda a: getattr(self.manager.restore(step, args=ocp.args.Composite(**{item: a})), item)  # noqa
             try:  # one item at a time, so that the message names the one that cannot be read
-                r[item] = getattr(self.manager.restore(step, args=ocp.args.Composite(**{item: args()})), item)
+                r[item] = read(args())
             except Exception as e:  # orbax raises several types for missing/corrupt/mismatched items
+                if item == "opt_state" and opt_state_fallback is not None:
+                    try:
+                        r[item] = opt_state_fallback[1](read(ocp.args.StandardRestore(opt_state_fallback[0])))
+                        continue
+                    except Exception:
+                        pass
                 raise UnreadableCheckpoint(path, f"item {item!r}: {_one_line(e)}") from e
         data = r["data"]
         if "per_process" in data:
@@ -165,7 +175,7 @@ class StageCheckpoints:
             data = data["per_process"][jax.process_index()]
         return r["params"], r["opt_state"], data
 
-    def restore_latest(self, params_like, opt_state_like):
+    def restore_latest(self, params_like, opt_state_like, opt_state_fallback=None):
         """(step, params, opt_state, data state) of the newest readable checkpoint; None when there is none.
 
         A newer checkpoint that cannot be read (truncated file, bad metadata, missing item) is named in one warning
@@ -177,7 +187,7 @@ class StageCheckpoints:
         _ignore_closed_loop_noise()
         for step in steps:
             try:
-                restored, why = self.restore(step, params_like, opt_state_like), ""
+                restored, why = self.restore(step, params_like, opt_state_like, opt_state_fallback), ""
             except UnreadableCheckpoint as e:
                 restored, why = None, e.why
             why = _first_failure(why)  # every process takes the same step

@@ -1,13 +1,16 @@
 """Optimizers from optax pieces: LAMB / AdamW, schedules, per-parameter LR scales, freezing,
-weight-decay / trust-ratio masks and gradient accumulation.
+weight-decay / trust-ratio masks and gradient accumulation (`MultiSteps`; the in-step form is
+`steps.accumulate_gradients`).
 
 `make_optimizer(cfg)` builds the whole thing from an `OptimizerConfig` (or a dict /
 ml_collections ConfigDict with the same fields):
 
-    partition(
-      train:  [MultiSteps | apply_if_finite] ( clip_by_global_norm -> LAMB/AdamW core
-              -> scale_by_learning_rate(schedule) -> x per-parameter LR scale ),
-      frozen: freeze()  # LR scale 0: updates of exactly -0.0, parameters bit-identical
+    over_layer_stacks(  # optim_stack: trainable per-layer leaves updated as [L, ...] arrays
+      partition(
+        train:  [MultiSteps | apply_if_finite] ( clip_by_global_norm -> LAMB/AdamW core
+                -> scale_by_learning_rate(schedule) -> x per-parameter LR scale ),
+        frozen: freeze()  # LR scale 0: updates of exactly -0.0, parameters bit-identical
+      )
     )
 
 Parameter paths are '/'-joined strings (`encoder/layers/3/query/kernel`, see `path_to_str`).
@@ -25,34 +28,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from mobiledistill import optim_stack, sharding
+from mobiledistill.tree_paths import param_paths, path_to_str  # noqa: F401 (optim.path_to_str)
+
 # ---------------------------------------------------------------------------------------------
-# Parameter paths
-
-
-def _key_str(key: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_to_str(path: Sequence[Any]) -> str:
-    """jax tree path (DictKey, GetAttrKey, SequenceKey, nnx path tuples of str/int) -> 'a/b/0/c'.
-
-    The trailing `.value` of an `nnx.Variable` leaf is dropped, so an `nnx.State` and the
-    equivalent pure dict give the same strings.
-    """
-    keys = list(path)
-    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-        keys = keys[:-1]
-    return "/".join(_key_str(k) for k in keys)
-
-
-def param_paths(params: Any) -> list[str]:
-    """All leaf path strings of a parameter pytree, in flatten order."""
-    return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+# Parameter paths ('/'-joined strings, `tree_paths`)
 
 
 def is_bias_or_norm(path: str) -> bool:
@@ -100,19 +83,25 @@ def lr_scale_for(path: str, rules: Rules | Mapping[str, float], default: float =
     return float(default)
 
 
+def _scale(compiled, default: float, path: str, leaf) -> float | np.ndarray:
+    """The path's LR scale. A layer-stacked path (`encoder/layers/*/...`, `optim_stack`) gets one scale per layer of
+    its leading axis: a float when they are all equal, else a float32 vector."""
+    one = lambda p: next((s for pat, s in compiled if pat.search(p)), float(default))  # noqa: E731
+    if optim_stack.layer_path(path, 0) is None:
+        return one(path)
+    scales = [one(optim_stack.layer_path(path, n)) for n in range(leaf.shape[0])]
+    return scales[0] if len(set(scales)) == 1 else np.asarray(scales, np.float32)
+
+
 def lr_scale_tree(params: Any, rules: Rules | Mapping[str, float], default: float = 1.0) -> Any:
-    """Float tree of per-parameter LR scales (0 = frozen)."""
+    """Tree of per-parameter LR scales (0 = frozen); a vector per layer for layer-stacked leaves."""
     compiled = _compile_rules(rules)
-
-    def scale(path):
-        return next((s for p, s in compiled if p.search(path)), float(default))
-
-    return _map_paths(scale, params)
+    return jax.tree_util.tree_map_with_path(lambda p, x: _scale(compiled, default, path_to_str(p), x), params)
 
 
 def trainable_mask(params: Any, rules: Rules | Mapping[str, float], default: float = 1.0) -> Any:
     """Bool tree: False where the LR scale is 0 (for filtering what a train step differentiates)."""
-    return jax.tree.map(lambda s: s != 0.0, lr_scale_tree(params, rules, default))
+    return jax.tree.map(lambda s: bool(np.all(s != 0.0)), lr_scale_tree(params, rules, default))
 
 
 def progressive_lr_rules(
@@ -129,18 +118,17 @@ def progressive_lr_rules(
 
 
 def scale_by_lr_rules(rules: Rules | Mapping[str, float], default: float = 1.0) -> optax.GradientTransformation:
-    """Multiplies each update by its path's LR scale (scale 1 leaves it untouched)."""
+    """Multiplies each update by its path's LR scale (scale 1 leaves it untouched; per layer for stacked leaves)."""
     compiled = _compile_rules(rules)
-
-    def scale(path):
-        return next((s for p, s in compiled if p.search(path)), float(default))
 
     def update_fn(updates, state, params=None):
         del params
 
         def one(path, u):
-            s = scale(path_to_str(path))
-            return u if s == 1.0 else u * jnp.asarray(s, u.dtype)
+            s = _scale(compiled, default, path_to_str(path), u)
+            if isinstance(s, float):
+                return u if s == 1.0 else u * jnp.asarray(s, u.dtype)
+            return u * jnp.asarray(s, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
 
         return jax.tree_util.tree_map_with_path(one, updates), state
 
@@ -163,6 +151,23 @@ def freeze() -> optax.GradientTransformation:
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer cores
+
+
+def scale_by_trust_ratio() -> optax.GradientTransformation:
+    """`optax.scale_by_trust_ratio()` (||p|| / ||u||, 1 when either is 0), per layer for layer-stacked leaves."""
+
+    def update_fn(updates, state, params):
+        def one(path, u, p):
+            stacked = optim_stack.layer_path(path_to_str(path), 0) is not None
+            axes = tuple(range(1, u.ndim)) if stacked else None
+            p_norm = jnp.sqrt(jnp.sum(jnp.square(p), axis=axes, keepdims=stacked))
+            u_norm = jnp.sqrt(jnp.sum(jnp.square(u), axis=axes, keepdims=stacked))
+            ratio = jnp.where((p_norm == 0.0) | (u_norm == 0.0), jnp.ones_like(p_norm), p_norm / u_norm)
+            return u * ratio.astype(u.dtype)
+
+        return jax.tree_util.tree_map_with_path(one, updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def scale_by_adam(
@@ -202,7 +207,7 @@ def lamb(
     return optax.chain(
         scale_by_adam(b1, b2, eps, bias_correction),
         optax.add_decayed_weights(weight_decay, mask),
-        optax.masked(optax.scale_by_trust_ratio(), mask),  # un-masked leaves pass through
+        optax.masked(scale_by_trust_ratio(), mask),  # un-masked leaves pass through
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -286,6 +291,8 @@ class OptimizerConfig:
     accumulation_steps: micro-batches per update (optax.MultiSteps, mean of the gradients); the
       schedule counts updates, not micro-batches.
     skip_nonfinite: skip updates (micro-steps with accumulation) whose gradients have NaN/Inf.
+    stack_layers: update the per-layer parameters as layer-stacked arrays (`optim_stack`: the same numbers, a
+      fraction of the compile time); False = one update per leaf (the optimizer state's layout differs).
     """
 
     name: str = "lamb"
@@ -305,6 +312,7 @@ class OptimizerConfig:
     default_lr_scale: float = 1.0
     accumulation_steps: int = 1
     skip_nonfinite: bool = False
+    stack_layers: bool = True
 
     def __post_init__(self):
         rules = self.lr_scales.items() if isinstance(self.lr_scales, Mapping) else self.lr_scales
@@ -361,6 +369,14 @@ def make_optimizer(cfg: Any) -> optax.GradientTransformation:
     """Builds the optimizer described by `cfg` (see `OptimizerConfig`); module docstring has the
     structure. Works on any parameter pytree (nested dicts, `nnx.State`)."""
     cfg = OptimizerConfig.from_config(cfg)
+    tx, stackable = stacked_parts(cfg)
+    return optim_stack.over_layer_stacks(tx, stackable) if cfg.stack_layers else tx
+
+
+def stacked_parts(cfg: Any) -> tuple[optax.GradientTransformation, Callable[[str], bool]]:
+    """(the optimizer on `optim_stack.to_view` trees, which per-layer paths it stacks: the trainable ones). A train
+    step that differentiates the stacked view itself (`steps.make_train_step`) uses these directly."""
+    cfg = OptimizerConfig.from_config(cfg)
     core = (lamb if cfg.name == "lamb" else adamw)(
         make_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.bias_correction
     )
@@ -375,51 +391,22 @@ def make_optimizer(cfg: Any) -> optax.GradientTransformation:
 
     def labels(params):
         scales = lr_scale_tree(params, cfg.lr_scales, cfg.default_lr_scale)
-        return jax.tree.map(lambda s: "frozen" if s == 0.0 else "train", scales)
+        return jax.tree.map(lambda s: "frozen" if isinstance(s, float) and s == 0.0 else "train", scales)
 
-    return optax.partition({"train": train, "frozen": freeze()}, labels)
-
-
-# ---------------------------------------------------------------------------------------------
-# In-step gradient accumulation
+    compiled = _compile_rules(cfg.lr_scales)
+    return (optax.partition({"train": train, "frozen": freeze()}, labels),
+            lambda path: _scale(compiled, cfg.default_lr_scale, path, None) != 0.0)
 
 
-def accumulate_gradients(
-    value_and_grad_fn: Callable[..., tuple[Any, Any]],
-    params: Any,
-    batch: Any,
-    num_micro_batches: int,
-    *,
-    with_index: bool = False,
-) -> tuple[Any, Any]:
-    """Mean of `value_and_grad_fn(params, micro_batch)` over micro-batches, with `lax.scan`.
-
-    An alternative to `accumulation_steps` (use one or the other): the whole global batch is
-    processed in one jitted call. Micro-batch i takes rows i, i+n, i+2n, ... so that each stays
-    spread over a batch-sharded mesh. The value may be any pytree (e.g. (loss, metrics)); the mean
-    of micro-batch means equals the global mean for per-example means of equal-size micro-batches.
-    `with_index=True` calls `value_and_grad_fn(params, micro_batch, i)` with the micro-batch index i
-    (an int32 scalar; 0 when there is one micro-batch), e.g. to give each its own dropout key.
-    """
-    n = int(num_micro_batches)
-    fn = value_and_grad_fn if with_index else (lambda p, b, i: value_and_grad_fn(p, b))
-    if n == 1:
-        return fn(params, batch, jnp.zeros((), jnp.int32))
-    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
-    if len(sizes) != 1 or next(iter(sizes)) % n:
-        raise ValueError(
-            f"accumulate_gradients: batch leading sizes {sorted(sizes)} must be one "
-            f"size divisible by num_micro_batches={n}"
-        )
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), batch)
-    first = jax.tree.map(lambda x: x[0], micro)
-    index = jnp.zeros((), jnp.int32)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, params, first, index))
-
-    def body(acc, xs):
-        i, mb = xs
-        out = fn(params, mb, i)
-        return jax.tree.map(jnp.add, acc, out), None
-
-    total, _ = jax.lax.scan(body, zeros, (jnp.arange(n, dtype=jnp.int32), micro))
-    return jax.tree.map(lambda x: x / n, total)
+def per_leaf_reader(cfg, params_like, stacked_like, mesh):
+    """(abstract per-leaf optimizer state, converter) for a checkpoint written with `stack_layers=False` or before
+    layer stacks existed: `StageCheckpoints.restore_latest(..., opt_state_fallback=...)` reads it and converts it
+    to the stacked layout of `stacked_like` (on its shardings). None when `cfg` does not stack."""
+    cfg = OptimizerConfig.from_config(cfg)
+    if not cfg.stack_layers:
+        return None
+    abstract = jax.eval_shape(make_optimizer(dataclasses.replace(cfg, stack_layers=False)).init, params_like)
+    like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        sharding.tree_shardings(abstract, mesh))
+    out_shardings = jax.tree.map(lambda x: x.sharding, stacked_like)
+    return like, lambda state: jax.device_put(optim_stack.convert_state(state, stacked_like), out_shardings)

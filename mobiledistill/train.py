@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mobiledistill import checkpoint as ckpt
-from mobiledistill import convert, perf, sharding, steps, teacher_topk
+from mobiledistill import convert, optim, perf, sharding, steps, teacher_topk
 from mobiledistill.data import PretrainingConfig, PretrainingIterator
 from mobiledistill.metrics import StageMetrics
 from mobiledistill.models import EncoderConfig, PreTrainingModel
@@ -284,7 +284,8 @@ def run_stage(ctx: RunContext, stage: Stage, index: int, num_stages: int) -> dic
     like_p = _with_shardings(projection.drop(abstract) if final else abstract,
                              projection.drop(p_shard) if final else p_shard)
     like_o = _with_shardings(jax.eval_shape(tx.init, abstract), o_shard)
-    latest = checkpoints.restore_latest(like_p, like_o)  # the newest readable one; None in a new stage
+    per_leaf = optim.per_leaf_reader(stage.optimizer, abstract, like_o, ctx.mesh)
+    latest = checkpoints.restore_latest(like_p, like_o, per_leaf)  # the newest readable one; None in a new stage
     if latest is not None:
         start, params, opt_state, data_state = latest
         params = _as_state(projection.drop(abstract) if start == stage.steps else abstract, params)

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mobiledistill import optim
+from mobiledistill import optim, steps
 
 
 def _params(seed=0):
@@ -300,20 +300,20 @@ def test_gradient_accumulation_equals_big_batch():
     assert np.asarray(p_acc["frozen"]["kernel"]).tobytes() == np.asarray(params["frozen"]["kernel"]).tobytes()
     # in-step accumulation with lax.scan gives the big-batch loss and gradient
     v_big, g_big = jax.value_and_grad(loss)(params, (x, y))
-    v_acc, g_acc = jax.jit(lambda p, b: optim.accumulate_gradients(jax.value_and_grad(loss), p, b, 4))(params, (x, y))
+    v_acc, g_acc = jax.jit(lambda p, b: steps.accumulate_gradients(jax.value_and_grad(loss), p, b, 4))(params, (x, y))
     np.testing.assert_allclose(v_acc, v_big, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_big), jax.tree.leaves(g_acc)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="divisible"):
-        optim.accumulate_gradients(jax.value_and_grad(loss), params, (x, y), 3)
+        steps.accumulate_gradients(jax.value_and_grad(loss), params, (x, y), 3)
 
     # with_index: micro-batch i (rows i, i+n, ...) is told its index, e.g. for its own dropout key
     def first_row_and_index(p, b, i):
         return b[0][0, 0], i.astype(jnp.float32)
 
-    rows, index = optim.accumulate_gradients(first_row_and_index, params, (x, y), 4, with_index=True)
+    rows, index = steps.accumulate_gradients(first_row_and_index, params, (x, y), 4, with_index=True)
     np.testing.assert_allclose([rows, index], [np.mean(np.asarray(x)[:4, 0]), 1.5], rtol=1e-6)
-    assert float(optim.accumulate_gradients(first_row_and_index, params, (x, y), 1, with_index=True)[1]) == 0.0
+    assert float(steps.accumulate_gradients(first_row_and_index, params, (x, y), 1, with_index=True)[1]) == 0.0
 
 
 def test_skip_nonfinite_keeps_params():

@@ -14,7 +14,7 @@ from etils import epath
 from flax import nnx
 
 from mobiledistill import checkpoint as ckpt
-from mobiledistill import evaluate, sharding, steps
+from mobiledistill import evaluate, optim, sharding, steps
 from mobiledistill.data import ArrayIterator
 from mobiledistill.finetune import qat
 from mobiledistill.finetune.context import Context
@@ -158,7 +158,8 @@ def train_seed(ctx: Context, seed: int, index: int) -> dict:
     t_params = teacher.params if use_teacher_forward else None
 
     checkpoints = ckpt.StageCheckpoints(run_dir, max_to_keep=c.train.keep_checkpoints)
-    latest = checkpoints.restore_latest(params, opt_state)  # the newest readable checkpoint, if any
+    per_leaf = optim.per_leaf_reader(stage.optimizer, params, opt_state, ctx.mesh)  # an older layout
+    latest = checkpoints.restore_latest(params, opt_state, per_leaf)  # the newest readable checkpoint, if any
     start = 0
     if latest is not None:
         start, restored, opt_state, data_state = latest
