@@ -397,16 +397,22 @@ def main():
             res[name] = dict(trace_lower_s=t1 - t0, compile_s=t2 - t1, total_s=t2 - t0, memory=memory(compiled),
                              hlo_lines=len(compiled.as_text().splitlines()))
             print(f"(d) 24 layers {name}: trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s", flush=True)
-        # The step time of both layouts, interleaved (the stacked view must not cost run time).
-        cfg = student.replace(scan_layers=True)
-        timed_steps = {"scanned": ours_step(mlm_stage(), cfg)[0], "scanned_per_leaf": ours_step(per_leaf, cfg)[0]}
+        # The step time of both layouts, scanned and unrolled, interleaved (the stacked view must not cost run time).
+        timed_steps = {f"{name}{suffix}": ours_step(stage, student.replace(scan_layers=scan))[0]
+                       for name, scan in (("scanned", True), ("unrolled", False))
+                       for suffix, stage in (("", mlm_stage()), ("_per_leaf", per_leaf))}
         for name, times in interleaved(timed_steps, args.repeats).items():
-            res[name].update(step_times_ms=[1e3 * t for t in times], step_median_ms=1e3 * statistics.median(times))
-        res["stacked_vs_per_leaf"] = dict(
-            compile_speedup=res["scanned_per_leaf"]["total_s"] / res["scanned"]["total_s"],
-            step_speedup=res["scanned_per_leaf"]["step_median_ms"] / res["scanned"]["step_median_ms"])
-        print(f"(d) stacked vs per leaf: compile {res['stacked_vs_per_leaf']['compile_speedup']:.2f}x, step "
-              f"{res['stacked_vs_per_leaf']['step_speedup']:.2f}x", flush=True)
+            res.setdefault(name, {}).update(step_times_ms=[1e3 * t for t in times],
+                                            step_median_ms=1e3 * statistics.median(times))
+        for name in ("scanned", "unrolled"):
+            ratios = [b / a for a, b in zip(res[name]["step_times_ms"], res[name + "_per_leaf"]["step_times_ms"])]
+            res[f"{name}_stacked_vs_per_leaf"] = dict(
+                step_speedup=res[name + "_per_leaf"]["step_median_ms"] / res[name]["step_median_ms"],
+                step_speedup_per_round=ratios)
+            if "total_s" in res[name + "_per_leaf"]:
+                res[f"{name}_stacked_vs_per_leaf"]["compile_speedup"] = (res[name + "_per_leaf"]["total_s"]
+                                                                         / res[name]["total_s"])
+            print(f"(d) {name}, stacked vs per leaf: {res[f'{name}_stacked_vs_per_leaf']}", flush=True)
         del timed_steps
         out["d_compile_24_layers"] = res
         save()

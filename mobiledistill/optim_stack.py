@@ -88,9 +88,9 @@ def from_view(view: dict[str, Any], like, stackable: Callable[[str], bool] | Non
     for path, idx in layout(like, stackable):
         if len(idx) == 1:
             leaves[idx[0]] = view[path]
-        else:
-            for n, i in enumerate(idx):
-                leaves[i] = view[path][n]
+        else:  # split, not x[n]: its gradient is one concatenate, where indexing's is a pad + add per layer
+            for i, part in zip(idx, jnp.split(view[path], len(idx))):
+                leaves[i] = part[0]
     return jax.tree.unflatten(treedef, leaves)
 
 
