@@ -149,8 +149,8 @@ class StageCheckpoints:
     def restore(self, step: int, params_like, opt_state_like, opt_state_fallback=None):
         """Restores into the structure, dtypes and shardings of the given (concrete or abstract) trees.
 
-        `opt_state_fallback`: (like, convert) for an optimizer state of an older layout (`optim.per_leaf_reader`):
-        read when `opt_state_like` does not match, then converted (convert on read)."""
+        `opt_state_fallback`: a function returning (like, convert) for an optimizer state of an older layout
+        (`optim.per_leaf_reader`), called when `opt_state_like` does not match: read as `like`, then converted."""
         path = self.dir / "checkpoints" / str(step)
         r = {}
         for item, args in (("params", lambda: ocp.args.StandardRestore(_abstract(params_like))),
@@ -162,7 +162,8 @@ class StageCheckpoints:
             except Exception as e:  # orbax raises several types for missing/corrupt/mismatched items
                 if item == "opt_state" and opt_state_fallback is not None:
                     try:
-                        r[item] = opt_state_fallback[1](read(ocp.args.StandardRestore(opt_state_fallback[0])))
+                        like, convert = opt_state_fallback()
+                        r[item] = convert(read(ocp.args.StandardRestore(like)))
                         continue
                     except Exception:
                         pass

@@ -399,14 +399,20 @@ def stacked_parts(cfg: Any) -> tuple[optax.GradientTransformation, Callable[[str
 
 
 def per_leaf_reader(cfg, params_like, stacked_like, mesh):
-    """(abstract per-leaf optimizer state, converter) for a checkpoint written with `stack_layers=False` or before
-    layer stacks existed: `StageCheckpoints.restore_latest(..., opt_state_fallback=...)` reads it and converts it
-    to the stacked layout of `stacked_like` (on its shardings). None when `cfg` does not stack."""
+    """A function returning (abstract per-leaf optimizer state, converter), for a checkpoint written with
+    `stack_layers=False` or before layer stacks existed: `StageCheckpoints.restore_latest(..., opt_state_fallback=...)`
+    calls it only when the stacked layout does not match (building the abstract state takes ~1 s for 24 layers),
+    reads the state and converts it to the stacked layout of `stacked_like` (on its shardings). None when `cfg` does
+    not stack."""
     cfg = OptimizerConfig.from_config(cfg)
     if not cfg.stack_layers:
         return None
-    abstract = jax.eval_shape(make_optimizer(dataclasses.replace(cfg, stack_layers=False)).init, params_like)
-    like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                        sharding.tree_shardings(abstract, mesh))
-    out_shardings = jax.tree.map(lambda x: x.sharding, stacked_like)
-    return like, lambda state: jax.device_put(optim_stack.convert_state(state, stacked_like), out_shardings)
+
+    def reader():
+        abstract = jax.eval_shape(make_optimizer(dataclasses.replace(cfg, stack_layers=False)).init, params_like)
+        like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                            sharding.tree_shardings(abstract, mesh))
+        out_shardings = jax.tree.map(lambda x: x.sharding, stacked_like)
+        return like, lambda state: jax.device_put(optim_stack.convert_state(state, stacked_like), out_shardings)
+
+    return reader
