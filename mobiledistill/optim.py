@@ -77,19 +77,19 @@ def lr_scale_for(path: str, rules: Rules | Mapping[str, float], default: float =
     Anchor patterns as needed: 'encoder/layers/1/' does not match layer 10's parameters, while
     'encoder/layers/1' would.
     """
-    for pattern, scale in _compile_rules(rules):
-        if pattern.search(path):
-            return scale
-    return float(default)
+    return _first_match(_compile_rules(rules), default, path)
+
+
+def _first_match(compiled, default: float, path: str) -> float:
+    return next((s for pattern, s in compiled if pattern.search(path)), float(default))
 
 
 def _scale(compiled, default: float, path: str, leaf) -> float | np.ndarray:
     """The path's LR scale. A layer-stacked path (`encoder/layers/*/...`, `optim_stack`) gets one scale per layer of
     its leading axis: a float when they are all equal, else a float32 vector."""
-    one = lambda p: next((s for pat, s in compiled if pat.search(p)), float(default))  # noqa: E731
     if optim_stack.layer_path(path, 0) is None:
-        return one(path)
-    scales = [one(optim_stack.layer_path(path, n)) for n in range(leaf.shape[0])]
+        return _first_match(compiled, default, path)
+    scales = [_first_match(compiled, default, optim_stack.layer_path(path, n)) for n in range(leaf.shape[0])]
     return scales[0] if len(set(scales)) == 1 else np.asarray(scales, np.float32)
 
 
@@ -395,7 +395,7 @@ def stacked_parts(cfg: Any) -> tuple[optax.GradientTransformation, Callable[[str
 
     compiled = _compile_rules(cfg.lr_scales)
     return (optax.partition({"train": train, "frozen": freeze()}, labels),
-            lambda path: _scale(compiled, cfg.default_lr_scale, path, None) != 0.0)
+            lambda path: _first_match(compiled, cfg.default_lr_scale, path) != 0.0)
 
 
 def per_leaf_reader(cfg, params_like, stacked_like, mesh):
