@@ -199,16 +199,18 @@ def test_unknown_preset_and_field():
         preset("mobilebert", hiden_size=3)
 
 
+@pytest.mark.parametrize("w_shape", [(16, 40), (40, 16)])
 @pytest.mark.parametrize("shape,dtype", [((24, 16), "float32"), ((3, 8, 16), "float32"), ((3, 8, 16), "bfloat16")])
-def test_linear_weight_gradient_in_out_in_orientation_equals_autodiff(shape, dtype):
-    """`linear_dot_general` (every dense layer's matmul) computes dW as (g^T x)^T on CPU: same gradients as plain
-    autodiff, and the compiled backward pass holds the [out, in] dot."""
+def test_linear_weight_gradient_orientation_equals_autodiff(shape, dtype, w_shape):
+    """`linear_dot_general` (every dense layer's matmul) computes dW on CPU in the orientation whose result has the
+    fewer rows ((g^T x)^T when out < in, x^T g otherwise): same gradients as plain autodiff, and the compiled
+    backward pass holds the [min, max] dot only."""
     from mobiledistill.models.encoder import linear_dot_general
     from mobiledistill.perf import hlo_dots
 
     kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, shape).astype(dtype)
-    w = jax.random.normal(kw, (16, 40)).astype(dtype)
+    x = jax.random.normal(kx, shape[:-1] + (w_shape[0],)).astype(dtype)
+    w = jax.random.normal(kw, w_shape).astype(dtype)
     dims = (((len(shape) - 1,), (0,)), ((), ()))
 
     def loss(dot, x, w):
@@ -221,4 +223,4 @@ def test_linear_weight_gradient_in_out_in_orientation_equals_autodiff(shape, dty
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-6)
     weight_grad = jax.jit(jax.grad(functools.partial(loss, linear_dot_general), argnums=1))
     outs = [d["out"] for d in hlo_dots(weight_grad.lower(x, w).compile().as_text())]
-    assert (40, 16) in outs and (16, 40) not in outs
+    assert (16, 40) in outs and (40, 16) not in outs
