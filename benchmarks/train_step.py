@@ -9,19 +9,22 @@
     hidden states gathered at the same 20 positions.
 (b) Progressive knowledge transfer step at layers k = 0, 11, 23 (IB-BERT_LARGE teacher forward to layer k, student
     MobileBERT to layer k, the paper's losses and LAMB).
-(c) Pre-training distillation step (full teacher forward + full student train step).
+(c) Pre-training distillation step (full teacher forward + full student train step), and the frozen teacher's
+    forward alone, layers scanned vs unrolled.
 (e) Pre-training distillation with the offline teacher (`--top-k` stored teacher logits per masked position read
     from the batch, no teacher forward) vs the online PD step of (c).
-(d) Compile time of the 24-layer MobileBERT train step, layers scanned vs unrolled (and scanned with SGD instead of
-    AdamW, to separate the optimizer update's share).
-Part (a) also profiles our 20-prediction step: every dot of its optimised HLO timed alone at its shapes (the matmul
-floor) vs the whole step.
+(d) Compile time of the 24-layer MobileBERT train step, layers scanned and unrolled, with the optimizer over layer
+    stacks vs one update per leaf, and the step times of the four.
+Part (a) also profiles our two steps: every dot of the optimised HLO timed alone at its shapes (the matmul floor)
+vs the whole step, and PyTorch's time over that floor: the most a step made of XLA's CPU matmuls could gain on it.
+In (b), (c) and (e) the student runs its layers scanned (`--teacher-scan` also scans the frozen teacher's; by
+default the teacher runs unrolled, as `teacher.scan_layers` defaults: its forward-only compile is small).
 Part (a)'s variants, and (c) with (e), are built first and then timed in interleaved rounds (one step of each per
 round, the order rotating), so the drift of a shared machine slows them alike; the ratios are of the medians, and
-per round in the JSON. Every step reports the median ms over repeats, sequences/s, MFU of the student (3 x forward FLOPs) and in total
-(+ the teacher's forward) against the f32 matmul peak measured in the same run (fastest of 15 2048-square
-matmuls), XLA's compiled memory analysis and the process peak RSS. Writes benchmarks/results/train_step.json
-(updated after every measurement).
+per round in the JSON. Every step reports the median ms over repeats, sequences/s, MFU of the student (3 x forward
+FLOPs) and in total (+ the teacher's forward) against the f32 matmul peak measured in the same run (fastest of 15
+2048-square matmuls), XLA's compiled memory analysis and the process peak RSS. Writes
+benchmarks/results/train_step.json (updated after every measurement).
 """
 
 from __future__ import annotations
@@ -204,6 +207,9 @@ def rates(result: dict, student_flops: float, teacher_flops: float, peak: float)
                 mfu_total=(student_flops + teacher_flops) * B / sec / peak)
 
 
+PROFILED = ("ours_all_positions", "ours_20_predictions")
+
+
 def mlm_stage(name="mlm_nsp") -> Stage:
     opt = OptimizerConfig(name="adamw", learning_rate=1e-4, warmup_steps=0, total_steps=1000, schedule="constant")
     return Stage(name=name, steps=1, init="fresh", optimizer=opt, dropout=True,
@@ -257,6 +263,30 @@ def torch_step(cfg, compiled: bool, predictions: int = S):
     return step, time.perf_counter() - t0
 
 
+def teacher_forward(cfg, repeats: int, peak: float) -> dict:
+    """The frozen teacher's forward alone (what the PD step runs under `stop_gradient`: MLM logits at the masked
+    positions, every hidden state and attention score), layers scanned vs unrolled, interleaved."""
+    batch = {k: jnp.asarray(v) for k, v in make_batch(cfg.vocab_size, P).items()}
+    flops = forward_flops(cfg, S, mlm_positions=P, nsp=True) * B
+    calls, res = {}, {}
+    for name, scan in (("unrolled", False), ("scanned", True)):
+        graphdef, params = nnx.split(PreTrainingModel(cfg.replace(scan_layers=scan), nnx.Rngs(1)), nnx.Param)
+
+        def fwd(params, batch, graphdef=graphdef):
+            out = steps.forward(nnx.merge(graphdef, params), batch)
+            return out["mlm_logits"], out["hidden_states"], out["attention_scores"]
+
+        t0 = time.perf_counter()
+        compiled = jax.jit(fwd).lower(params, batch).compile()
+        res[name] = dict(compile_s=time.perf_counter() - t0)
+        calls[name] = lambda c=compiled, p=params: jax.block_until_ready(c(p, batch))
+    for name, times in interleaved(calls, repeats).items():
+        med = statistics.median(times)
+        res[name].update(times_ms=[1e3 * t for t in times], median_ms=1e3 * med, mfu=flops / med / peak)
+    res["unrolled_speedup"] = res["scanned"]["median_ms"] / res["unrolled"]["median_ms"]
+    return res
+
+
 def timed(times: list[float], **extra) -> dict:
     return dict(extra, times_ms=[1e3 * t for t in times], median_ms=1e3 * statistics.median(times), rss_mb=rss_mb())
 
@@ -273,6 +303,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--teacher-repeats", type=int, default=2)
     ap.add_argument("--top-k", type=int, default=64, help="(e): teacher logits stored per masked position")
+    ap.add_argument("--teacher-scan", action="store_true", help="(b, c): the teacher's layers scanned too")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     out = dict(machine=machine(), batch=B, seq_len=S, predictions=P, dtype="float32")
@@ -317,7 +348,7 @@ def main():
         times = interleaved({name: b[0] for name, b in built.items()}, args.repeats)
         for name, b in built.items():
             work, ours, _ = variants[name]
-            r = (ours_result(b[0], b[1], b[2], times[name], peak if name == "ours_20_predictions" else None)
+            r = (ours_result(b[0], b[1], b[2], times[name], peak if name in PROFILED else None)
                  if ours else timed(times[name], first_call_s=b[1]))
             res[name] = rates(r, flops[work], 0.0, peak)
         # Each of ours against PyTorch given the same work, per round and as the ratio of medians.
@@ -327,21 +358,26 @@ def main():
                 if base in times and name in times:
                     r[f"speedup_vs_torch_{key}"] = res[base]["median_ms"] / r["median_ms"]
                     r[f"speedup_vs_torch_{key}_per_round"] = [b / o for b, o in zip(times[base], times[name])]
+                    if "profile" in r:  # the ratio if the step took only its matmuls, each at its standalone speed
+                        r[f"torch_{key}_over_dot_floor"] = res[base]["median_ms"] / r["profile"]["dot_ms_standalone"]
         out["a_mobilebert_train_step"] = res
         for name, r in res.items():
             if "median_ms" in r:
                 show(f"(a) {name}", r)
-        prof = res["ours_20_predictions"]["profile"]
-        print(f"(a) profile: {prof['dot_instructions']} dots ({prof['dot_gflop']:.0f} GFLOP) take "
-              f"{prof['dot_ms_standalone']:.0f} ms standalone ({100 * prof['dot_fraction_of_peak']:.0f}% of peak) of "
-              f"the {prof['step_ms']:.0f} ms step", flush=True)
+        for name in PROFILED:
+            prof = res[name]["profile"]
+            print(f"(a) profile {name}: {prof['dot_instructions']} dots ({prof['dot_gflop']:.0f} GFLOP) take "
+                  f"{prof['dot_ms_standalone']:.0f} ms standalone ({100 * prof['dot_fraction_of_peak']:.0f}% of "
+                  f"peak) of the {prof['step_ms']:.0f} ms step; PyTorch eager / that floor "
+                  f"{res[name].get('torch_eager_over_dot_floor', float('nan')):.2f}x", flush=True)
         del built, variants
         save()
 
     teacher = tstages = None
     if parts & {"b", "c", "e"}:
         teacher, _, tstages = paper_stages()
-        teacher, student_s = teacher.replace(scan_layers=True), student.replace(scan_layers=True)
+        teacher, student_s = teacher.replace(scan_layers=args.teacher_scan), student.replace(scan_layers=True)
+        out["stage_steps_layers"] = dict(student="scanned", teacher="scanned" if args.teacher_scan else "unrolled")
     if "b" in parts:
         res = {}
         for k in (0, 11, 23):
@@ -375,6 +411,9 @@ def main():
         show("(e) PD, offline teacher", res["offline"])
         print(f"(e) offline vs online teacher: {res['speedup_offline_vs_online']:.2f}x", flush=True)
         del online, offline
+        out["c_teacher_forward"] = tf_res = teacher_forward(teacher, max(args.teacher_repeats, 5), peak)
+        print(f"(c) teacher forward alone: unrolled {tf_res['unrolled']['median_ms']:.0f} ms (MFU "
+              f"{100 * tf_res['unrolled']['mfu']:.1f}%), scanned {tf_res['scanned']['median_ms']:.0f} ms", flush=True)
         save()
     if "d" in parts:
         res = {}
@@ -416,6 +455,8 @@ def main():
         del timed_steps
         out["d_compile_24_layers"] = res
         save()
+    # MFU above is against the peak measured at the start; a second measurement at the end shows the machine's drift
+    out["matmul_peak_end_gflops"] = perf.measured_matmul_peak(2048, repeats=15) / 1e9
     out["peak_rss_mb"] = rss_mb()
     out["machine"]["load_average_at_end"] = os.getloadavg()
     save()

@@ -1,0 +1,44 @@
+"""benchmarks/train_step.py's measuring pieces on tiny models: the dot-floor profile and the teacher forward."""
+
+import importlib.util
+import os
+
+import jax
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train_step", os.path.join(REPO, "benchmarks",
+                                                                                   "train_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_times_every_dot_of_the_step(bench):
+    """The matmul floor covers every dot instruction of the compiled step, and the rest is the step minus it."""
+    from mobiledistill import perf
+    from mobiledistill.models import preset
+
+    step, compiled, _ = bench.ours_step(bench.mlm_stage(), preset("test_mobilebert", max_position_embeddings=128), predictions=bench.P)
+    assert jax.numpy.isfinite(step()["loss"])
+    prof = bench.profile(compiled, step_ms=1e3, peak=perf.measured_matmul_peak(256, repeats=2))
+    dots = perf.hlo_dots(compiled.as_text())
+    assert prof["dot_instructions"] == len(dots) > 0
+    assert prof["dot_gflop"] == pytest.approx(sum(d["flops"] for d in dots) / 1e9)
+    assert prof["dot_ms_standalone"] > 0 and prof["rest_ms"] == pytest.approx(1e3 - prof["dot_ms_standalone"])
+    assert sum(r["count"] for r in prof["top_dots"]) <= len(dots)
+
+
+def test_teacher_forward_scanned_and_unrolled_agree(bench):
+    """Part (c)'s teacher measurement times the same forward both ways; both run and report MFU and the ratio."""
+    from mobiledistill.models import preset
+
+    res = bench.teacher_forward(preset("test_ib_bert", max_position_embeddings=128), repeats=2, peak=1e9)
+    for name in ("unrolled", "scanned"):
+        assert len(res[name]["times_ms"]) == 2 and res[name]["median_ms"] > 0 and res[name]["mfu"] > 0
+        assert res[name]["compile_s"] > 0
+    assert res["unrolled_speedup"] == pytest.approx(res["scanned"]["median_ms"] / res["unrolled"]["median_ms"])
