@@ -19,12 +19,16 @@ def bench():
 
 
 def test_profile_times_every_dot_of_the_step(bench):
-    """The matmul floor covers every dot instruction of the compiled step, and the rest is the step minus it."""
+    """The matmul floor covers every dot instruction of the compiled step, and the rest is the step minus it; the
+    result of a timed step holds its loss, memory and page faults."""
     from mobiledistill import perf
     from mobiledistill.models import preset
 
-    step, compiled, _ = bench.ours_step(bench.mlm_stage(), preset("test_mobilebert", max_position_embeddings=128), predictions=bench.P)
-    assert jax.numpy.isfinite(step()["loss"])
+    cfg = preset("test_mobilebert", max_position_embeddings=128)
+    step, compiled, compile_s = bench.ours_step(bench.mlm_stage(), cfg, predictions=bench.P)
+    res = bench.ours_result(step, compiled, compile_s, [0.5, 0.25, 1.0])
+    assert res["median_ms"] == 500.0 and res["minor_page_faults"] >= 0 and res["memory"]["total_mb"] > 0
+    assert jax.numpy.isfinite(res["loss"])
     prof = bench.profile(compiled, step_ms=1e3, peak=perf.measured_matmul_peak(256, repeats=2))
     dots = perf.hlo_dots(compiled.as_text())
     assert prof["dot_instructions"] == len(dots) > 0
