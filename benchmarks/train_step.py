@@ -268,10 +268,11 @@ def torch_step(cfg, compiled: bool, predictions: int = S):
 
 def teacher_forward(cfg, repeats: int, peak: float) -> dict:
     """The frozen teacher's forward alone (what the PD step runs under `stop_gradient`: MLM logits at the masked
-    positions, every hidden state and attention score), layers scanned vs unrolled, interleaved."""
+    positions, every hidden state and attention score), layers scanned vs unrolled, interleaved; the two forwards'
+    largest output difference is recorded too (the same parameters, so it must be float noise)."""
     batch = {k: jnp.asarray(v) for k, v in make_batch(cfg.vocab_size, P).items()}
     flops = forward_flops(cfg, S, mlm_positions=P, nsp=True) * B
-    calls, res = {}, {}
+    calls, res, outputs = {}, {}, {}
     for name, scan in (("unrolled", False), ("scanned", True)):
         graphdef, params = nnx.split(PreTrainingModel(cfg.replace(scan_layers=scan), nnx.Rngs(1)), nnx.Param)
 
@@ -283,10 +284,12 @@ def teacher_forward(cfg, repeats: int, peak: float) -> dict:
         compiled = jax.jit(fwd).lower(params, batch).compile()
         res[name] = dict(compile_s=time.perf_counter() - t0)
         calls[name] = lambda c=compiled, p=params: jax.block_until_ready(c(p, batch))
+        outputs[name] = jax.tree.leaves(calls[name]())
     for name, times in interleaved(calls, repeats).items():
         med = statistics.median(times)
         res[name].update(times_ms=[1e3 * t for t in times], median_ms=1e3 * med, mfu=flops / med / peak)
     res["unrolled_speedup"] = res["scanned"]["median_ms"] / res["unrolled"]["median_ms"]
+    res["max_abs_diff"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(outputs["unrolled"], outputs["scanned"]))
     return res
 
 
