@@ -23,6 +23,7 @@ def test_accelerator_benchmark_tiny_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["machine"]["backend"] == "cpu" and res["machine"]["datasheet"] is None
+    assert res["layers"] == {"student": "scanned", "teacher": "unrolled"}  # the teacher as the pipeline runs it
     assert set(res["matmul_peak_tflops"]) == {"float32", "bfloat16"}
     for dtype in ("float32", "bfloat16"):
         stages = res["results"][dtype]["batch_2"]
