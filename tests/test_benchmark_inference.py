@@ -1,24 +1,14 @@
 """benchmarks/inference.py on a tiny MobileBERT: every variant runs, agrees with PyTorch and is reported (no times
 are asserted: they depend on the machine's load)."""
 
-import importlib.util
 import json
 import math
-import os
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _benchmarks import load_benchmark
 
 # benchmark scripts on tiny shapes: left to `-m slow` (CI runs it) to keep the default suite short
 pytestmark = pytest.mark.slow
-
-
-def load_benchmark(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_inference_benchmark_tiny(tmp_path):

@@ -1,21 +1,13 @@
 """benchmarks/train_step.py's measuring pieces on tiny models: the dot-floor profile and the teacher forward."""
 
-import importlib.util
-import os
-
 import jax
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", os.path.join(REPO, "benchmarks",
-                                                                                   "train_step.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_step")
 
 
 def test_profile_times_every_dot_of_the_step(bench):

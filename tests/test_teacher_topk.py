@@ -8,6 +8,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from _benchmarks import load_benchmark
 from flax import nnx
 from test_pipeline import final_params, tiny, vocab  # noqa: F401  (vocab: the module's fixture)
 
@@ -160,7 +161,7 @@ def test_pipeline_pd_with_an_offline_teacher_of_every_logit_trains_as_the_online
     transfer stages with the offline teacher at k = the vocabulary (enough stored batches for every step): the same
     student to float rounding (the top-k order sums the soft target differently), the same logged losses and the
     full teacher mass; and k = 4 keeps less of it."""
-    bench = _load_benchmark()
+    bench = load_benchmark("offline_teacher")
     vocab_size = len(open(vocab).read().split())
     overrides = [a[len("--config."):] for a in tiny(vocab) if a.startswith("--config.")]
     out = bench.main([f"--config={tiny(vocab)[0].split('=', 1)[1]}", f"--top_k={vocab_size},4", "--epochs=0.05",
@@ -178,12 +179,3 @@ def test_pipeline_pd_with_an_offline_teacher_of_every_logit_trains_as_the_online
     for r in (out["online"], full, four):
         assert 0.0 <= r["eval_mlm_accuracy"] <= 1.0
 
-
-def _load_benchmark():
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                        "offline_teacher.py")
-    spec = importlib.util.spec_from_file_location("offline_teacher_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
